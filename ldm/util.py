@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -35,3 +38,21 @@ def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def log_txt_as_img(wh: tuple[int, int], texts: list[str], size: int = 10) -> torch.Tensor:
+    """Render each prompt, wrapped, as a black-on-white image in [-1, 1] (N, 3, H, W) for image grids."""
+    import textwrap
+
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    chars_per_line = max(1, int(wh[0] / (size * 0.6)))
+    images = []
+    for text in texts:
+        canvas = Image.new("RGB", wh, color="white")
+        ImageDraw.Draw(canvas).multiline_text((0, 0), textwrap.fill(text, chars_per_line), fill="black", font=font)
+        images.append(np.asarray(canvas, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)

@@ -1,0 +1,202 @@
+"""What control adds to Stable Diffusion: the ControlNet, the UNet that takes its residuals, ControlLDM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
+from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
+from ldm.util import instantiate_from_config, log_txt_as_img
+
+#: Residual i of n in guess mode is scaled by GUESS_MODE_DECAY ** (n - 1 - i): coarse features count most.
+GUESS_MODE_DECAY = 0.825
+
+
+def guess_mode_scales(n: int = 13, strength: float = 1.0) -> list[float]:
+    """The original's guess-mode ("soft") control scales: `strength * 0.825 ** (12 - i)` for SD's 13."""
+    return [strength * GUESS_MODE_DECAY ** float(n - 1 - i) for i in range(n)]
+
+
+class ControlledUnetModel(UNetModel):
+    """The locked SD UNet: control residuals are added to its skip connections and middle output.
+
+    The encoder and middle block run without autograd: they are never trained (with `sd_locked=False` the
+    original unlocks only the decoder and output), so storing their activations would be wasted memory.
+    """
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
+                **kwargs: Any) -> torch.Tensor:
+        with torch.no_grad():
+            h, skips, emb = self.encode(x, timesteps, context)
+        if control is None:
+            return self.decode(h, skips, emb, context)
+        if len(control) != len(skips) + 1:
+            raise ValueError(f"expected {len(skips) + 1} control residuals, got {len(control)}")
+        h = h + control[-1]
+        if not only_mid_control:
+            skips = [skip + residual for skip, residual in zip(skips, control[:-1])]
+        return self.decode(h, skips, emb, context)
+
+
+class ControlNet(nn.Module):
+    """A trainable copy of the UNet encoder that reads a control image and returns 13 residuals.
+
+    The hint goes through a small conv stack down to latent size (`input_hint_block`) and is added after
+    the first input block; every skip feature and the middle output leave through a zero-initialised
+    1x1 conv, so a fresh ControlNet changes nothing.
+    """
+
+    def __init__(self, image_size: int | None = None, *, in_channels: int, model_channels: int,
+                 hint_channels: int, num_res_blocks: int | Sequence[int], attention_resolutions: Sequence[int],
+                 use_fp16: bool = False, use_bf16: bool = False, num_classes: int | None = None,
+                 use_new_attention_order: bool = False, spatial_transformer_attn_type: str | None = None,
+                 **spec_params: Any) -> None:
+        super().__init__()
+        if num_classes is not None:
+            raise ValueError("class-conditional ControlNets are not supported")
+        self.spec = UNetEncoderSpec(in_channels=in_channels, model_channels=model_channels,
+                                    num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
+                                    **spec_params)
+        self.model_channels = model_channels
+        self.time_embed = self.spec.time_embedding()
+        self.input_hint_block = self._hint_block(hint_channels, model_channels, self.spec.dims)
+        self.input_blocks, self.middle_block, skip_channels = self.spec.build_encoder()
+        self.zero_convs = nn.ModuleList(self._zero_conv(ch) for ch in skip_channels)
+        self.middle_block_out = self._zero_conv(skip_channels[-1])
+
+    @staticmethod
+    def _hint_block(hint_channels: int, model_channels: int, dims: int) -> TimestepEmbedSequential:
+        """Eight convs (three of stride 2) from image to latent resolution; the last starts at zero."""
+        widths = [(hint_channels, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 96, 2), (96, 96, 1),
+                  (96, 256, 2)]
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in widths:
+            layers += [conv_nd(dims, c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
+        layers.append(zero_module(conv_nd(dims, 256, model_channels, 3, padding=1)))
+        return TimestepEmbedSequential(*layers)
+
+    def _zero_conv(self, channels: int) -> TimestepEmbedSequential:
+        return TimestepEmbedSequential(zero_module(conv_nd(self.spec.dims, channels, channels, 1, padding=0)))
+
+    @property
+    def num_residuals(self) -> int:
+        return len(self.zero_convs) + 1
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
+                context: torch.Tensor | None, **kwargs: Any) -> list[torch.Tensor]:
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        guided_hint = self.input_hint_block(hint, emb, context)
+        residuals = []
+        h = x
+        for index, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = block(h, emb, context)
+            if index == 0:
+                h = h + guided_hint
+            residuals.append(zero_conv(h, emb, context))
+        h = self.middle_block(h, emb, context)
+        residuals.append(self.middle_block_out(h, emb, context))
+        return residuals
+
+
+class ControlLDM(LatentDiffusion):
+    """Stable Diffusion with a ControlNet: the Lightning module that trains and samples.
+
+    `cond` dicts are `{'c_crossattn': [text embedding], 'c_concat': [hint in [0, 1], NCHW]}`;
+    `c_concat: None` runs the plain UNet. `control_scales` multiplies residual i (guess mode and the
+    control weight set it). With `sd_locked` only the ControlNet trains; otherwise the UNet decoder and
+    output layer train too.
+    """
+
+    def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
+                 *args: Any, sd_locked: bool = True, learning_rate: float = 1e-5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.control_model: ControlNet = instantiate_from_config(control_stage_config)
+        self.control_key = control_key
+        self.only_mid_control = only_mid_control
+        self.control_scales = [1.0] * self.control_model.num_residuals
+        self.learning_rate = learning_rate
+        self.sd_locked = sd_locked
+
+    @property
+    def sd_locked(self) -> bool:
+        return self._sd_locked
+
+    @sd_locked.setter
+    def sd_locked(self, locked: bool) -> None:
+        """Freeze the UNet (or all but its decoder) so that a locked SD never takes a gradient."""
+        self._sd_locked = locked
+        unet = self.model.diffusion_model
+        unet.requires_grad_(False)
+        if not locked:
+            unet.output_blocks.requires_grad_(True)
+            unet.out.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.control_model.parameters())
+        if not self.sd_locked:
+            unet = self.model.diffusion_model
+            params += list(unet.output_blocks.parameters()) + list(unet.out.parameters())
+        return params
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+
+    @torch.no_grad()
+    def get_input(self, batch: dict[str, Any], k: str, bs: int | None = None, *args: Any, **kwargs: Any
+                  ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        x, c = super().get_input(batch, self.first_stage_key, *args, bs=bs, **kwargs)
+        control = batch[self.control_key]
+        if bs is not None:
+            control = control[:bs]
+        control = control.to(self.device).permute(0, 3, 1, 2).contiguous().float()
+        return x, dict(c_crossattn=[c], c_concat=[control])
+
+    def control_residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                          hint: torch.Tensor) -> list[torch.Tensor]:
+        residuals = self.control_model(x=x, hint=hint, timesteps=t, context=context)
+        return [r * scale for r, scale in zip(residuals, self.control_scales)]
+
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], *args: Any,
+                    **kwargs: Any) -> torch.Tensor:
+        context = torch.cat(cond["c_crossattn"], 1)
+        hints = cond.get("c_concat")
+        control = None if hints is None else self.control_residuals(x_noisy, t, context, torch.cat(hints, 1))
+        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=control,
+                                          only_mid_control=self.only_mid_control)
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, n: int) -> torch.Tensor:
+        return self.get_learned_conditioning([""] * n)
+
+    @torch.no_grad()
+    def log_images(self, batch: dict[str, Any], N: int = 4, n_row: int = 2, sample: bool = True,
+                   ddim_steps: int = 50, ddim_eta: float = 0.0, unconditional_guidance_scale: float = 9.0,
+                   **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Control, reconstruction, prompt and guided samples of the first N items, all in [-1, 1]."""
+        from ldm.models.diffusion.ddim import DDIMSampler
+
+        z, c = self.get_input(batch, self.first_stage_key, bs=N)
+        hint, text = c["c_concat"][0][:N], c["c_crossattn"][0][:N]
+        n = z.shape[0]
+        log = {
+            "reconstruction": self.decode_first_stage(z),
+            "control": hint * 2.0 - 1.0,
+            "conditioning": log_txt_as_img((hint.shape[3], hint.shape[2]), list(batch[self.cond_stage_key][:n]),
+                                           size=max(8, hint.shape[2] // 20)).to(z.device),
+        }
+        if sample:
+            cond = {"c_concat": [hint], "c_crossattn": [text]}
+            uncond = None
+            if unconditional_guidance_scale != 1.0:
+                uncond = {"c_concat": [hint], "c_crossattn": [self.get_unconditional_conditioning(n)]}
+            samples, _ = DDIMSampler(self).sample(ddim_steps, n, z.shape[1:], cond, eta=ddim_eta, verbose=False,
+                                                  unconditional_guidance_scale=unconditional_guidance_scale,
+                                                  unconditional_conditioning=uncond)
+            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples)
+        return log
