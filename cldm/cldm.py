@@ -56,6 +56,7 @@ class ControlNet(nn.Module):
                  hint_channels: int, num_res_blocks: int | Sequence[int], attention_resolutions: Sequence[int],
                  use_fp16: bool = False, use_bf16: bool = False, num_classes: int | None = None,
                  use_new_attention_order: bool = False, spatial_transformer_attn_type: str | None = None,
+                 hint_block_widths: Sequence[int] = (16, 32, 96, 256), hint_downsample: int = 8,
                  **spec_params: Any) -> None:
         super().__init__()
         if num_classes is not None:
@@ -65,20 +66,29 @@ class ControlNet(nn.Module):
                                     **spec_params)
         self.model_channels = model_channels
         self.time_embed = self.spec.time_embedding()
-        self.input_hint_block = self._hint_block(hint_channels, model_channels, self.spec.dims)
+        self.input_hint_block = self._hint_block(hint_channels, model_channels, self.spec.dims,
+                                                 hint_block_widths, hint_downsample)
         self.input_blocks, self.middle_block, skip_channels = self.spec.build_encoder()
         self.zero_convs = nn.ModuleList(self._zero_conv(ch) for ch in skip_channels)
         self.middle_block_out = self._zero_conv(skip_channels[-1])
 
     @staticmethod
-    def _hint_block(hint_channels: int, model_channels: int, dims: int) -> TimestepEmbedSequential:
-        """Eight convs (three of stride 2) from image to latent resolution; the last starts at zero."""
-        widths = [(hint_channels, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 96, 2), (96, 96, 1),
-                  (96, 256, 2)]
-        layers: list[nn.Module] = []
-        for c_in, c_out, stride in widths:
-            layers += [conv_nd(dims, c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
-        layers.append(zero_module(conv_nd(dims, 256, model_channels, 3, padding=1)))
+    def _hint_block(hint_channels: int, model_channels: int, dims: int, widths: Sequence[int],
+                    downsample: int) -> TimestepEmbedSequential:
+        """Convs from image to latent resolution, two per width; the last conv starts at zero.
+
+        The released models use widths 16/32/96/256 and downsample 8x (the VAE's factor); a pixel-space
+        model (`IdentityFirstStage`) uses `hint_downsample=1`. Key names do not depend on either.
+        """
+        halvings = {1: 0, 2: 1, 4: 2, 8: 3}.get(downsample)
+        if halvings is None or halvings > len(widths) - 1:
+            raise ValueError(f"hint_downsample must be 1, 2, 4 or 8 (at most 2**{len(widths) - 1}), got {downsample}")
+        layers: list[nn.Module] = [conv_nd(dims, hint_channels, widths[0], 3, padding=1), nn.SiLU()]
+        for stage, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            stride = 2 if stage >= len(widths) - 1 - halvings else 1
+            layers += [conv_nd(dims, c_in, c_in, 3, padding=1), nn.SiLU(),
+                       conv_nd(dims, c_in, c_out, 3, padding=1, stride=stride), nn.SiLU()]
+        layers.append(zero_module(conv_nd(dims, widths[-1], model_channels, 3, padding=1)))
         return TimestepEmbedSequential(*layers)
 
     def _zero_conv(self, channels: int) -> TimestepEmbedSequential:
@@ -117,6 +127,7 @@ class ControlLDM(LatentDiffusion):
                  *args: Any, sd_locked: bool = True, learning_rate: float = 1e-5, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.control_model: ControlNet = instantiate_from_config(control_stage_config)
+        self.part_configs["control_model"] = control_stage_config
         self.control_key = control_key
         self.only_mid_control = only_mid_control
         self.control_scales = [1.0] * self.control_model.num_residuals
@@ -129,11 +140,15 @@ class ControlLDM(LatentDiffusion):
 
     @sd_locked.setter
     def sd_locked(self, locked: bool) -> None:
-        """Freeze the UNet (or all but its decoder) so that a locked SD never takes a gradient."""
         self._sd_locked = locked
+        self.set_trainable_parts()
+
+    def set_trainable_parts(self) -> None:
+        """Freeze the UNet (or all but its decoder) so that a locked SD never takes a gradient."""
+        super().set_trainable_parts()
         unet = self.model.diffusion_model
         unet.requires_grad_(False)
-        if not locked:
+        if not self._sd_locked:
             unet.output_blocks.requires_grad_(True)
             unet.out.requires_grad_(True)
 
@@ -145,6 +160,7 @@ class ControlLDM(LatentDiffusion):
         return params
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        self.materialize()
         return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
 
     @torch.no_grad()
@@ -164,6 +180,7 @@ class ControlLDM(LatentDiffusion):
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], *args: Any,
                     **kwargs: Any) -> torch.Tensor:
+        self.materialize()
         context = torch.cat(cond["c_crossattn"], 1)
         hints = cond.get("c_concat")
         control = None if hints is None else self.control_residuals(x_noisy, t, context, torch.cat(hints, 1))

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.util import instantiate_from_config
+from ldm.util import get_obj_from_str, instantiate_from_config
 
 #: Text-embedding width of each Stable Diffusion family, and the config that builds it.
 CONFIG_FOR_CONTEXT_DIM = {768: "models/cldm_v15.yaml", 1024: "models/cldm_v21.yaml"}
@@ -67,7 +67,7 @@ def context_dim_of(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int |
 
 def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
     """One line saying why a checkpoint does not fit `model`, and what to use instead."""
-    expected = model.state_dict()
+    expected = nn.Module.state_dict(model)  # not a subclass override that may initialise weights first
     for prefix in ("model.diffusion_model.", "control_model."):
         have, want = context_dim_of(state_dict, prefix), context_dim_of(expected, prefix)
         if have is not None and want is not None and have != want:
@@ -99,8 +99,18 @@ def load_config(config_path: str | Path) -> Any:
 
 
 def create_model(config_path: str | Path) -> nn.Module:
-    """Build the model a YAML config's `model:` section describes, on the CPU, with random weights."""
+    """Build the model a YAML config's `model:` section describes, on the CPU.
+
+    Diffusion models are built deferred (see `LatentDiffusion.build_deferred`): loading a checkpoint right
+    after costs no random initialisation, and a model used without loading gets its random weights then.
+    """
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
     config = load_config(config_path)
-    model = instantiate_from_config(config.model)
+    target = get_obj_from_str(config.model.target)
+    if isinstance(target, type) and issubclass(target, LatentDiffusion):
+        model = target.build_deferred(**config.model.get("params", {}))
+    else:
+        model = instantiate_from_config(config.model)
     print(f"Loaded model config from [{config_path}]")
     return model

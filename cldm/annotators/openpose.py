@@ -44,6 +44,15 @@ POSE_COLORS: tuple[tuple[int, int, int], ...] = (
     (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 )  # fmt: skip
+# VGG19-based front end: (name, in, out, kernel); 2x2 max-pool after the listed layers
+BACKBONE_LAYERS: tuple[tuple[str, int, int, int], ...] = (
+    ("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3),
+    ("conv2_1", 64, 128, 3), ("conv2_2", 128, 128, 3),
+    ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3), ("conv3_3", 256, 256, 3), ("conv3_4", 256, 256, 3),
+    ("conv4_1", 256, 512, 3), ("conv4_2", 512, 512, 3),
+    ("conv4_3_CPM", 512, 256, 3), ("conv4_4_CPM", 256, 128, 3),
+)  # fmt: skip
+BACKBONE_POOL_AFTER = frozenset({"conv1_2", "conv2_2", "conv3_4"})
 LIMB_STICK_WIDTH = 4
 JOINT_RADIUS = 4
 
@@ -115,18 +124,7 @@ class BodyPoseNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.backbone = NamedConvStack(
-            [
-                ("conv1_1", 3, 64, 3), ("conv1_2", 64, 64, 3),
-                ("conv2_1", 64, 128, 3), ("conv2_2", 128, 128, 3),
-                ("conv3_1", 128, 256, 3), ("conv3_2", 256, 256, 3), ("conv3_3", 256, 256, 3),
-                ("conv3_4", 256, 256, 3),
-                ("conv4_1", 256, 512, 3), ("conv4_2", 512, 512, 3),
-                ("conv4_3_CPM", 512, 256, 3), ("conv4_4_CPM", 256, 128, 3),
-            ],  # fmt: skip
-            last_relu=True,
-            pool_after=frozenset({"conv1_2", "conv2_2", "conv3_4"}),
-        )
+        self.backbone = NamedConvStack(BACKBONE_LAYERS, last_relu=True, pool_after=BACKBONE_POOL_AFTER)
         self.stages = nn.ModuleList()
         for stage in range(1, 7):
             branches = nn.ModuleDict()
@@ -245,9 +243,7 @@ def _group_people(peaks: list[np.ndarray], connections: list[np.ndarray]) -> tup
     Person rows hold a candidate id per keypoint (-1 missing), then total score and part count;
     people with fewer than 4 parts or mean score below 0.4 are dropped, as in OpenPose.
     """
-    candidates = np.concatenate([p for p in peaks if len(p)], axis=0) if any(len(p) for p in peaks) else (
-        np.zeros((0, 4))
-    )
+    candidates = np.concatenate(peaks, axis=0)  # ids are row indices: they were numbered in order
     people = np.zeros((0, NUM_KEYPOINTS + 2))
     for k, (a, b) in enumerate(LIMB_SEQUENCE):
         conn = connections[k]
@@ -283,9 +279,7 @@ def _group_people(peaks: list[np.ndarray], connections: list[np.ndarray]) -> tup
     return candidates, people[keep]
 
 
-def keypoints_from_maps(
-    heatmaps: np.ndarray, pafs: np.ndarray, heatmap_threshold: float = 0.1
-) -> list[list[Keypoint]]:
+def keypoints_from_maps(heatmaps: np.ndarray, pafs: np.ndarray, heatmap_threshold: float = 0.1) -> list[list[Keypoint]]:
     """Group part heatmaps ``(H, W, >=18)`` and PAFs ``(H, W, 38)`` into people.
 
     Returns one list of 18 normalised ``(x, y)`` keypoints per person (``None`` where missing).
@@ -351,9 +345,7 @@ class OpenposeDetector:
         scaled = cv2.resize(bgr, (0, 0), fx=scale, fy=scale, interpolation=cv2.INTER_CUBIC)
         sh, sw = scaled.shape[:2]
         pad_h, pad_w = (-sh) % self.STRIDE, (-sw) % self.STRIDE
-        padded = cv2.copyMakeBorder(
-            scaled, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(self.PAD_VALUE,) * 3
-        )
+        padded = cv2.copyMakeBorder(scaled, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=(self.PAD_VALUE,) * 3)
         x = torch.from_numpy(padded).float().permute(2, 0, 1)[None] / 256.0 - 0.5
         with torch.inference_mode():
             paf, heat = self.net()(x.to(self.device))

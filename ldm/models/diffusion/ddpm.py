@@ -92,6 +92,10 @@ class LatentDiffusion(pl.LightningModule):
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = _frozen(instantiate_from_config(first_stage_config))
         self.cond_stage_model = _frozen(instantiate_from_config(cond_stage_config))
+        #: The config of each part, so that a part left uninitialised by a deferred build can be rebuilt.
+        self.part_configs = {"model.diffusion_model": unet_config, "first_stage_model": first_stage_config,
+                             "cond_stage_model": cond_stage_config}
+        self._uninitialized: set[str] = set()
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
 
@@ -124,7 +128,7 @@ class LatentDiffusion(pl.LightningModule):
             "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
         }
         for name in SCHEDULE_BUFFERS:
-            self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32))
+            self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device="cpu"))
         if self.parameterization == "eps":
             with np.errstate(divide="ignore"):  # posterior_variance[0] is 0; lvlb[0] is replaced below
                 lvlb = betas**2 / (2 * posterior_variance * alphas * (1 - alphas_cumprod))
@@ -133,7 +137,8 @@ class LatentDiffusion(pl.LightningModule):
         else:
             lvlb = np.ones_like(betas)
         lvlb[0] = lvlb[1]
-        self.register_buffer("lvlb_weights", torch.tensor(lvlb, dtype=torch.float32), persistent=False)
+        self.register_buffer("lvlb_weights", torch.tensor(lvlb, dtype=torch.float32, device="cpu"),
+                             persistent=False)
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noise clean latents to step t: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
@@ -168,6 +173,7 @@ class LatentDiffusion(pl.LightningModule):
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
+        self.materialize()
         return self.first_stage_model.encode(x)
 
     def get_first_stage_encoding(self, encoder_posterior: Any, generator: torch.Generator | None = None
@@ -183,9 +189,11 @@ class LatentDiffusion(pl.LightningModule):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        self.materialize()
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
+        self.materialize()
         encoder = self.cond_stage_model
         out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
         return out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
@@ -206,6 +214,7 @@ class LatentDiffusion(pl.LightningModule):
     # ----- the model and its loss --------------------------------------------------------------------------
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, *args: Any, **kwargs: Any
                     ) -> torch.Tensor:
+        self.materialize()
         context = torch.cat(cond["c_crossattn"], 1) if isinstance(cond, Mapping) else cond
         return self.model.diffusion_model(x_noisy, t, context=context)
 
@@ -240,6 +249,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.materialize()
         t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
         return self.p_losses(x, c, t, *args, **kwargs)
 
@@ -262,7 +272,52 @@ class LatentDiffusion(pl.LightningModule):
         _, logs = self.shared_step(batch)
         self.log_dict(logs, prog_bar=False, logger=True, on_step=False, on_epoch=True)
 
-    # ----- loading -------------------------------------------------------------------------------------
+    # ----- loading and deferred initialisation ------------------------------------------------------------
+    @classmethod
+    def build_deferred(cls, **params: Any) -> LatentDiffusion:
+        """Build without spending time on random weights that a checkpoint will overwrite.
+
+        Parameters are allocated but not initialised; `load_state_dict` fills them, and any part the
+        checkpoint leaves out (or the whole model, if it is used without loading) is rebuilt with its random
+        initialisation by `materialize()` before first use.
+        """
+        with torch.device("meta"):
+            model = cls(**params)
+        model._uninitialized = {name for name, t in _named_tensors(model) if t.is_meta}
+        model._apply(lambda t: torch.empty_like(t, device="cpu") if t.is_meta else t)
+        return model.to("cpu")  # also resets Lightning's device record, which was taken under the meta context
+
+    def materialize(self) -> None:
+        """Randomly initialise whatever a deferred build left uninitialised; a no-op afterwards."""
+        if not self._uninitialized:
+            return
+        for name, config in self.part_configs.items():
+            prefix = name + "."
+            pending = {k for k in self._uninitialized if k.startswith(prefix)}
+            if not pending:
+                continue
+            old = self.get_submodule(name)
+            reference = next(old.parameters())
+            fresh = instantiate_from_config(config).to(device=reference.device, dtype=reference.dtype)
+            kept = {k: v for k, v in old.state_dict().items() if prefix + k not in pending}
+            fresh.load_state_dict(kept, strict=False)
+            parent, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(parent) if parent else self, attr, fresh)
+        self._uninitialized = set()
+        self.set_trainable_parts()
+
+    def set_trainable_parts(self) -> None:
+        """The VAE and the text encoder never train."""
+        _frozen(self.first_stage_model)
+        _frozen(self.cond_stage_model)
+
+    def setup(self, stage: str) -> None:
+        self.materialize()
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        self.materialize()
+        return super().state_dict(*args, **kwargs)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a checkpoint's weights; explain an architecture mismatch in one line.
 
@@ -273,9 +328,17 @@ class LatentDiffusion(pl.LightningModule):
 
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
         try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as err:
             raise CheckpointMismatchError(explain_mismatch(self, state_dict)) from err
+        if self._uninitialized:
+            self._uninitialized -= state_dict.keys()
+            self.materialize()
+        return result
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(module.named_parameters()) + list(module.named_buffers())
 
 
 class CheckpointMismatchError(RuntimeError):
