@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
@@ -194,12 +195,14 @@ class ControlLDM(LatentDiffusion):
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], N: int = 4, n_row: int = 2, sample: bool = True,
                    ddim_steps: int = 50, ddim_eta: float = 0.0, unconditional_guidance_scale: float = 9.0,
-                   **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Control, reconstruction, prompt and guided samples of the first N items, all in [-1, 1]."""
-        from ldm.models.diffusion.ddim import DDIMSampler
+                   sample_batch_size: int | None = None, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Control, reconstruction, prompt and guided samples of the first N items, all in [-1, 1].
 
+        Samples are drawn `sample_batch_size` at a time (all at once by default): smaller chunks bound the
+        memory that logging adds on top of training.
+        """
         z, c = self.get_input(batch, self.first_stage_key, bs=N)
-        hint, text = c["c_concat"][0][:N], c["c_crossattn"][0][:N]
+        hint, text = c["c_concat"][0], c["c_crossattn"][0]
         n = z.shape[0]
         log = {
             "reconstruction": self.decode_first_stage(z),
@@ -208,12 +211,17 @@ class ControlLDM(LatentDiffusion):
                                            size=max(8, hint.shape[2] // 20)).to(z.device),
         }
         if sample:
-            cond = {"c_concat": [hint], "c_crossattn": [text]}
-            uncond = None
-            if unconditional_guidance_scale != 1.0:
-                uncond = {"c_concat": [hint], "c_crossattn": [self.get_unconditional_conditioning(n)]}
-            samples, _ = DDIMSampler(self).sample(ddim_steps, n, z.shape[1:], cond, eta=ddim_eta, verbose=False,
-                                                  unconditional_guidance_scale=unconditional_guidance_scale,
-                                                  unconditional_conditioning=uncond)
-            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples)
+            chunk = sample_batch_size or n
+            uncond_text = self.get_unconditional_conditioning(n)
+            sampler = DDIMSampler(self)
+            samples = []
+            for start in range(0, n, chunk):
+                part = slice(start, start + chunk)
+                cond = {"c_concat": [hint[part]], "c_crossattn": [text[part]]}
+                uncond = {"c_concat": [hint[part]], "c_crossattn": [uncond_text[part]]}
+                latents, _ = sampler.sample(ddim_steps, hint[part].shape[0], z.shape[1:], cond, eta=ddim_eta,
+                                            verbose=False, unconditional_guidance_scale=unconditional_guidance_scale,
+                                            unconditional_conditioning=uncond)
+                samples.append(self.decode_first_stage(latents))
+            log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = torch.cat(samples)
         return log

@@ -201,15 +201,27 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **kwargs: Any
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of the batch's images (NHWC in [-1, 1]) and the embedding of its prompts."""
-        x = batch[k]
-        if bs is not None:
-            x = x[:bs]
-        x = x.to(self.device).permute(0, 3, 1, 2).contiguous().float()
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-        prompts = batch[self.cond_stage_key]
-        prompts = list(prompts[:bs] if bs is not None else prompts)
-        return z, self.get_learned_conditioning(prompts)
+        """Latents of the batch's images (NHWC in [-1, 1]) and the embedding of its prompts.
+
+        A batch from a cache (see `training/cache.py`) carries `latent_moments` (the VAE posterior's
+        parameters, so that sampling the latent stays stochastic as without the cache) or `latent`
+        (deterministic first stages), and `context` (the prompt embeddings): then neither the VAE encoder
+        nor the text encoder runs.
+        """
+        def first(values: Any) -> Any:
+            return values[:bs] if bs is not None else values
+
+        if "latent_moments" in batch:
+            posterior: Any = DiagonalGaussianDistribution(first(batch["latent_moments"]).to(self.device).float())
+        elif "latent" in batch:
+            posterior = first(batch["latent"]).to(self.device).float()
+        else:
+            x = first(batch[k]).to(self.device).permute(0, 3, 1, 2).contiguous().float()
+            posterior = self.encode_first_stage(x)
+        z = self.get_first_stage_encoding(posterior).detach()
+        if "context" in batch:
+            return z, first(batch["context"]).to(self.device)
+        return z, self.get_learned_conditioning(list(first(batch[self.cond_stage_key])))
 
     # ----- the model and its loss --------------------------------------------------------------------------
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, *args: Any, **kwargs: Any

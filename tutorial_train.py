@@ -1,0 +1,137 @@
+"""Train a ControlNet on a folder of source/target images with a prompt.json (see docs/train.md).
+
+The flow is the original tutorial's: create_model -> load_state_dict -> MyDataset -> DataLoader ->
+ImageLogger -> Trainer.fit. With no arguments it trains SD1.5 + ControlNet on ./training/fill50k from
+./models/control_sd15_ini.ckpt, batch 4, learning rate 1e-5, images logged every 300 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from cldm.logger import ImageLogger
+from cldm.model import CheckpointError, create_model, load_state_dict
+from cldm.training import AtomicCheckpointIO, ExactResume, LastCheckpoint, ResumableSampler, Throughput
+from training.dataset import DatasetError
+from tutorial_dataset import MyDataset
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="./models/cldm_v15.yaml", help="model YAML")
+    p.add_argument("--resume_path", default="./models/control_sd15_ini.ckpt",
+                   help="initial weights: a checkpoint made by tool_add_control.py (or a trained ControlNet)")
+    p.add_argument("--data", default="./training/fill50k", help="folder with prompt.json, source/, target/")
+    p.add_argument("--out", default="./runs/train", help="last.ckpt, logs and image_log/ go here")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1 trains until stopped")
+    p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--logger_freq", type=int, default=300, help="image grids every N steps")
+    p.add_argument("--log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    p.add_argument("--save_every", type=int, default=None, help="write last.ckpt every N steps (default: logger_freq)")
+    p.add_argument("--sd_locked", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep SD frozen (--no-sd_locked also trains the UNet decoder)")
+    p.add_argument("--only_mid_control", action="store_true", help="feed only the middle-block residual")
+    p.add_argument("--drop_prompt", type=float, default=0.0,
+                   help="fraction of prompts replaced by '' (the paper used 0.5 so the control learns semantics)")
+    p.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
+    p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--devices", default="1", help="number of devices, or a list like 0,1")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--strategy", default="auto", help="e.g. ddp, fsdp, deepspeed_stage_2 (see docs/train.md)")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image_size", type=int, default=None, help="resize source and target to this square size")
+    p.add_argument("--skip_bad", action="store_true", help="skip unusable dataset lines (counted and reported)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt exactly where it stopped")
+    p.add_argument("--fidelity_every", type=int, default=0, help="score control fidelity every N steps (0: off)")
+    p.add_argument("--fidelity_n", type=int, default=8, help="held-out hints scored each time")
+    p.add_argument("--fidelity_kind", default="auto", choices=["auto", "fill50k", "edges"])
+    return p.parse_args(argv)
+
+
+def parse_devices(text: str) -> int | list[int] | str:
+    if text == "auto":
+        return text
+    if "," in text:
+        return [int(d) for d in text.split(",") if d]
+    return int(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The frozen VAE and text encoder are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    out = Path(args.out)
+    last = out / "last.ckpt"
+    resuming = args.resume and last.is_file()
+    if args.resume and not resuming:
+        print(f"note: --resume given but {last} does not exist yet; starting from {args.resume_path}")
+    if not resuming and not Path(args.resume_path).is_file():
+        raise SystemExit(f"error: {args.resume_path} not found; make it with: python tool_add_control.py "
+                         f"./models/v1-5-pruned.ckpt {args.resume_path}")
+    pl.seed_everything(args.seed, workers=True)
+
+    # Configs
+    model = create_model(args.config).cpu()
+    if not resuming:  # a resumed run takes every weight from last.ckpt
+        model.load_state_dict(load_state_dict(args.resume_path, location="cpu"))
+    model.learning_rate = args.learning_rate
+    model.sd_locked = args.sd_locked
+    model.only_mid_control = args.only_mid_control
+
+    # Misc
+    dataset = MyDataset(root=args.data, skip_bad=args.skip_bad, drop_prompt=args.drop_prompt, seed=args.seed,
+                        size=args.image_size)
+    print(dataset.report())
+    sampler = ResumableSampler(len(dataset), seed=args.seed)
+    dataloader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                            persistent_workers=args.num_workers > 0, pin_memory=torch.cuda.is_available())
+    devices = parse_devices(args.devices)
+    world = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
+    samples_per_step = args.batch_size * args.accumulate_grad_batches * max(world, 1)
+    callbacks: list[pl.Callback] = [
+        ImageLogger(batch_frequency=args.logger_freq, save_dir=out,
+                    log_images_kwargs={"ddim_steps": args.log_ddim_steps}),
+        ExactResume(sampler, samples_per_step),
+        Throughput(args.batch_size),
+        LastCheckpoint(out, args.save_every or args.logger_freq),
+    ]
+    if args.fidelity_every > 0:
+        from cldm.fidelity import fidelity_callback_from_args
+
+        callbacks.append(fidelity_callback_from_args(
+            kind=args.fidelity_kind, every_n_steps=args.fidelity_every, n=args.fidelity_n, seed=args.seed,
+            data_root=args.data, image_size=args.image_size, out_dir=str(out)))
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=devices, strategy=args.strategy, precision=args.precision,
+        max_steps=args.max_steps, accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], logger=CSVLogger(out, name="logs"), default_root_dir=out,
+        enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=1,
+    )
+
+    # Train!
+    try:
+        trainer.fit(model, dataloader, ckpt_path=str(last) if resuming else None, weights_only=True)
+    except FloatingPointError as err:
+        raise SystemExit(f"error: {err}; last good checkpoint: {last}") from None
+    if trainer.is_global_zero:
+        print(f"done: {trainer.global_step} steps; checkpoint {last}; image grids in {out / 'image_log'}")
+        if hasattr(dataset, "skipped") and dataset.skipped:
+            print(dataset.report())
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckpointError, DatasetError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
