@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if not resuming and not Path(args.resume_path).is_file():
         raise SystemExit(f"error: {args.resume_path} not found; make it with: python tool_add_control.py "
                          f"./models/v1-5-pruned.ckpt {args.resume_path}")
+    if not (Path(args.data) / "prompt.json").is_file():
+        raise SystemExit(f"error: {Path(args.data) / 'prompt.json'} not found; point --data at your folder or make "
+                         f"Fill50K with: python training/make_fill50k.py --out {args.data} --n 50000 --size 512")
     pl.seed_everything(args.seed, workers=True)
 
     # Configs

@@ -1,0 +1,134 @@
+"""Training as a user runs it: tutorial_train.py on the tiny config, resume, NaN stop, atomic writes, DDP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from cldm.model import create_model, load_state_dict
+from cldm.training import AtomicCheckpointIO, ResumableSampler
+from training.make_fill50k import make_fill50k
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "models" / "cldm_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight 64 px Fill50K pairs and an initial tiny ControlLDM checkpoint."""
+    root = tmp_path_factory.mktemp("train")
+    make_fill50k(root / "data", n=8, size=64, seed=0)
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    model.materialize()
+    torch.save({"state_dict": model.state_dict()}, root / "ini.ckpt")
+    return root
+
+
+def train_args(workspace: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", TINY, "--resume_path", str(workspace / "ini.ckpt"), "--data", str(workspace / "data"),
+            "--out", str(out), "--batch_size", "2", "--logger_freq", "100", "--log_ddim_steps", "2",
+            "--learning_rate", "1e-3", *extra]
+
+
+def run_train(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tutorial_train.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_resumed_run_equals_uninterrupted_run(workspace: Path) -> None:
+    full, part = workspace / "full", workspace / "part"
+    for args in (train_args(workspace, full, "--max_steps", "4", "--save_every", "2"),
+                 train_args(workspace, part, "--max_steps", "2", "--save_every", "2"),
+                 train_args(workspace, part, "--max_steps", "4", "--save_every", "2", "--resume")):
+        result = run_train(args)
+        assert result.returncode == 0, result.stderr[-2000:]
+    a = torch.load(full / "last.ckpt", weights_only=True)
+    b = torch.load(part / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    different = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert different == []
+    initial = load_state_dict(workspace / "ini.ckpt")
+    moved = [k for k in initial if not torch.equal(initial[k], a["state_dict"][k])]
+    assert moved and all(k.startswith("control_model.") for k in moved)
+    # The Lightning checkpoint's weights load strictly into the config's model.
+    create_model(TINY).load_state_dict(load_state_dict(full / "last.ckpt"))
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace: Path) -> None:
+    out = workspace / "nan"
+    result = run_train(train_args(workspace, out, "--max_steps", "20", "--save_every", "1",
+                                  "--learning_rate", "1e30"))
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert "loss is" in message and "last good checkpoint" in message and str(out / "last.ckpt") in message
+    saved = torch.load(out / "last.ckpt", weights_only=True)
+    assert saved["global_step"] >= 1
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
+
+
+def test_missing_initial_checkpoint_and_data_say_how_to_make_them(workspace: Path, tmp_path: Path) -> None:
+    import tutorial_train
+
+    with pytest.raises(SystemExit) as err:
+        tutorial_train.main(train_args(workspace, tmp_path / "o", "--resume_path", str(tmp_path / "none.ckpt")))
+    assert "tool_add_control.py" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(SystemExit) as err:
+        tutorial_train.main(train_args(workspace, tmp_path / "o", "--data", str(tmp_path / "nodata")))
+    assert "make_fill50k.py" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_atomic_checkpoint_write_keeps_previous_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+    with pytest.raises(Exception):  # noqa: B017 - any pickling failure mid-write
+        io.save_checkpoint({"w": torch.zeros(1000), "bad": lambda: None}, target)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_resumable_sampler_covers_each_epoch_and_resumes_mid_stream() -> None:
+    sampler = ResumableSampler(5, seed=3)
+    stream = iter(sampler)
+    first = [next(stream) for _ in range(12)]
+    assert sorted(first[:5]) == list(range(5)) and sorted(first[5:10]) == list(range(5))
+    assert first[:5] != first[5:10]  # a new permutation each epoch
+    sampler.start = 7
+    resumed = iter(sampler)
+    assert [next(resumed) for _ in range(5)] == first[7:12]
+
+
+class _RecordWeights(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        weights = {k: v.detach().clone() for k, v in pl_module.control_model.state_dict().items()}
+        torch.save(weights, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_end_with_identical_weights(workspace: Path, tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from training.dataset import ControlDataset
+
+    model = create_model(TINY)
+    model.load_state_dict(load_state_dict(workspace / "ini.ckpt"))
+    model.learning_rate = 1e-3
+    dataset = ControlDataset(workspace / "data")
+    loader = DataLoader(dataset, batch_size=2, sampler=ResumableSampler(len(dataset), seed=0))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                         callbacks=[_RecordWeights(tmp_path)])
+    trainer.fit(model, loader)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    initial = load_state_dict(workspace / "ini.ckpt")
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert any(not torch.equal(rank0[k], initial["control_model." + k]) for k in rank0)
