@@ -1,0 +1,161 @@
+"""Turn a Stable Diffusion checkpoint into the starting checkpoint for training a ControlNet.
+
+The ControlNet starts as a copy of SD's UNet encoder: each `control_model.X` takes `model.diffusion_model.X`
+where that exists with the same shape (time embedding, input blocks, middle block), so training starts from
+features SD already has. What the UNet has no counterpart for starts fresh: the hint block, and the zero
+convolutions (`zero_convs`, `middle_block_out`), which are exactly zero, so that the untrained ControlLDM
+reproduces SD's output. The UNet, VAE, text encoder and schedule come from the input unchanged. Weights the
+model does not use (EMA copies, optimizer state) are left out.
+
+    python tool_add_control.py ./models/v1-5-pruned.ckpt ./models/control_sd15_ini.ckpt
+    python tool_add_control.py sd.safetensors out.safetensors --config models/cldm_tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cldm.checkpoint_io import (
+    CONTROL_ONLY_PARTS,
+    CONTROL_PREFIX,
+    UNET_PREFIX,
+    advice_for_width,
+    check_output_path,
+    config_for_unet,
+    describe_family,
+    family_mismatch,
+    key_groups,
+    save_state_dict,
+    shape_mismatches,
+)
+from cldm.model import CheckpointError, create_model, load_state_dict
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, CheckpointMismatchError
+
+#: Failures that are the user's input, reported as one line by `main`.
+USER_ERRORS = (CheckpointError, CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def add_control(input_path: str | Path, output_path: str | Path, config_path: str | Path | None = None
+                ) -> dict[str, Any]:
+    """Write OUTPUT, a ControlLDM checkpoint whose ControlNet is initialised from INPUT's UNet.
+
+    Returns a report: the config used, how many weights came from INPUT, were copied into the ControlNet,
+    are new (by part) and were ignored (by part).
+    """
+    out = check_output_path(output_path)
+    sd = load_state_dict(input_path)
+    _check_is_sd(sd, input_path)
+    config = str(config_path) if config_path is not None else config_for_unet(sd, UNET_PREFIX, str(input_path))
+    model = create_model(config)
+    expected = nn.Module.state_dict(model)  # names and shapes only: the deferred model is not initialised
+    _check_fits(sd, expected, str(input_path), config)
+    weights, copied, new = _plan(sd, expected)
+    from_input = len(weights) - len(copied)
+    ignored = [k for k in sd if k not in expected]
+    # `assign` makes INPUT's tensors the model's own (no 4 GB copy); only what `weights` lacks is initialised
+    model.load_state_dict(weights, strict=False, assign=True)
+    del sd, weights
+    save_state_dict(model.state_dict(), out)
+    return {
+        "input": str(input_path), "output": str(out), "config": config,
+        "from_input": from_input, "copied_to_control": len(copied),
+        "new": len(new), "new_groups": key_groups(new),
+        "schedule_from_config": len(expected) - from_input - len(copied) - len(new),
+        "ignored": len(ignored), "ignored_groups": key_groups(ignored),
+    }
+
+
+def _check_is_sd(sd: Mapping[str, torch.Tensor], label: str | Path) -> None:
+    if any(k.startswith((CONTROL_PREFIX, *CONTROL_ONLY_PARTS)) for k in sd):
+        raise CheckpointError(f"{label}: already has ControlNet weights: it is already a ControlNet "
+                              "checkpoint (give a plain Stable Diffusion checkpoint)")
+    if not any(k.startswith(UNET_PREFIX) for k in sd):
+        raise CheckpointError(f"{label}: has no model.diffusion_model.* weights: not a Stable Diffusion "
+                              "checkpoint in the original layout")
+
+
+def _check_fits(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str,
+                config: str) -> None:
+    """Refuse an input whose SD parts the config cannot hold, naming the config that would."""
+    widths = family_mismatch(sd, UNET_PREFIX, expected, UNET_PREFIX)
+    if widths is not None:
+        have, want = widths
+        raise CheckpointMismatchError(f"{label}: is {describe_family(have)} but {config} builds text width "
+                                      f"{want}: {advice_for_width(have)}")
+    sd_keys = [k for k in expected if not k.startswith(CONTROL_PREFIX)]
+    wrong = shape_mismatches(sd, expected, sd_keys)
+    if wrong:
+        raise CheckpointMismatchError(f"{label}: {len(wrong)} weights do not fit {config} (e.g. {wrong[0]})")
+    missing = [k for k in sd_keys if k not in sd and k not in SCHEDULE_BUFFERS]
+    if missing:
+        parts = ", ".join(key_groups(missing))
+        raise CheckpointMismatchError(f"{label}: lacks {len(missing)} weights that {config} needs ({parts}; "
+                                      f"e.g. {missing[0]})")
+
+
+def _plan(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+          ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The weights to load (INPUT's, and copies of UNet tensors under ControlNet names), which were copied,
+    which are new.
+
+    Tensors are converted to the model's dtype (a float16 checkpoint gives a float32 one, as the original
+    did), which copies only when the dtype differs; the ControlNet gets its own copy of each UNet tensor.
+    Missing schedule buffers are neither loaded nor new: the model computes them from the config.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    copied: list[str] = []
+    new: list[str] = []
+    for key, want in expected.items():
+        source = UNET_PREFIX + key[len(CONTROL_PREFIX):] if key.startswith(CONTROL_PREFIX) else key
+        tensor = sd.get(source)
+        if tensor is None or tensor.shape != want.shape:
+            if key.startswith(CONTROL_PREFIX):  # the others are schedule buffers: the config computes them
+                new.append(key)
+            continue
+        tensor = tensor.to(want.dtype)
+        if source != key:
+            tensor = tensor.clone() if tensor is sd[source] else tensor
+            copied.append(key)
+        weights[key] = tensor
+    return weights, copied, new
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="Make a ControlNet training checkpoint from a Stable Diffusion "
+                                                 "checkpoint: the ControlNet starts as a copy of the UNet encoder.")
+    parser.add_argument("input", help="Stable Diffusion checkpoint (.ckpt, .pth or .safetensors)")
+    parser.add_argument("output", help="checkpoint to write (.ckpt, .pth or .safetensors); must not exist")
+    parser.add_argument("--config", default=None,
+                        help="model config (default: models/cldm_v15.yaml or models/cldm_v21.yaml, "
+                             "from the checkpoint's text width)")
+    args = parser.parse_args(argv)
+    try:
+        report = add_control(args.input, args.output, args.config)
+    except USER_ERRORS as err:
+        raise SystemExit(f"error: {err}") from None
+    _print_report(report)
+    return report
+
+
+def _print_report(report: Mapping[str, Any]) -> None:
+    print(f"config: {report['config']}")
+    print(f"taken from the input: {report['from_input']} weights; copied from the UNet into the ControlNet: "
+          f"{report['copied_to_control']}")
+    print(f"new (fresh initialisation, zero convs at zero): {report['new']} weights in "
+          + ", ".join(f"{group} ({n})" for group, n in report["new_groups"].items()))
+    if report["schedule_from_config"]:
+        print(f"schedule buffers computed from the config: {report['schedule_from_config']}")
+    if report["ignored"]:
+        print(f"ignored (not used by the model): {report['ignored']} weights in "
+              + ", ".join(f"{group} ({n})" for group, n in report["ignored_groups"].items()))
+    print(f"written: {report['output']}")
+
+
+if __name__ == "__main__":
+    main()
