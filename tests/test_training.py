@@ -12,28 +12,36 @@ import torch
 
 from cldm.model import create_model, load_state_dict
 from cldm.training import AtomicCheckpointIO, ResumableSampler
-from training.make_fill50k import make_fill50k
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "models" / "cldm_tiny.yaml")
 
 
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Eight 64 px Fill50K pairs and an initial tiny ControlLDM checkpoint."""
+    """The user's first two steps, as they run them: generated Fill50K data and tool_add_control.py."""
     root = tmp_path_factory.mktemp("train")
-    make_fill50k(root / "data", n=8, size=64, seed=0)
     torch.manual_seed(0)
     model = create_model(TINY)
     model.materialize()
-    torch.save({"state_dict": model.state_dict()}, root / "ini.ckpt")
+    base = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    torch.save({"state_dict": base}, root / "sd.ckpt")
+    run_script("training/make_fill50k.py", "--out", str(root / "data"), "--n", "8", "--size", "64", "--seed", "0")
+    run_script("tool_add_control.py", str(root / "sd.ckpt"), str(root / "ini.ckpt"), "--config", TINY)
     return root
 
 
 def train_args(workspace: Path, out: Path, *extra: str) -> list[str]:
+    if "--logger_freq" not in extra:
+        extra = ("--logger_freq", "100", *extra)
     return ["--config", TINY, "--resume_path", str(workspace / "ini.ckpt"), "--data", str(workspace / "data"),
-            "--out", str(out), "--batch_size", "2", "--logger_freq", "100", "--log_ddim_steps", "2",
-            "--learning_rate", "1e-3", *extra]
+            "--out", str(out), "--batch_size", "2", "--log_ddim_steps", "2", "--learning_rate", "1e-3", *extra]
 
 
 def run_train(args: list[str]) -> subprocess.CompletedProcess:
@@ -41,9 +49,10 @@ def run_train(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_resumed_run_equals_uninterrupted_run(workspace: Path) -> None:
+def test_train_then_resume_equals_uninterrupted_run(workspace: Path) -> None:
+    """The whole path: train 4 steps; and 2 steps, stop, resume to 4: the same weights bit for bit."""
     full, part = workspace / "full", workspace / "part"
-    for args in (train_args(workspace, full, "--max_steps", "4", "--save_every", "2"),
+    for args in (train_args(workspace, full, "--max_steps", "4", "--save_every", "2", "--logger_freq", "2"),
                  train_args(workspace, part, "--max_steps", "2", "--save_every", "2"),
                  train_args(workspace, part, "--max_steps", "4", "--save_every", "2", "--resume")):
         result = run_train(args)
@@ -56,7 +65,13 @@ def test_resumed_run_equals_uninterrupted_run(workspace: Path) -> None:
     assert different == []
     initial = load_state_dict(workspace / "ini.ckpt")
     moved = [k for k in initial if not torch.equal(initial[k], a["state_dict"][k])]
-    assert moved and all(k.startswith("control_model.") for k in moved)
+    assert all(k.startswith("control_model.") for k in moved)  # locked SD unchanged, bit for bit
+    control_keys = [k for k in initial if k.startswith("control_model.")]
+    assert len(moved) > len(control_keys) / 2
+    grids = sorted(p.name for p in (full / "image_log" / "train").glob("*.png"))
+    assert any(name.startswith("samples_cfg_scale_9.00_gs-000002") for name in grids)
+    assert {name.split("_gs-")[0] for name in grids} == {"control", "conditioning", "reconstruction",
+                                                          "samples_cfg_scale_9.00"}
     # The Lightning checkpoint's weights load strictly into the config's model.
     create_model(TINY).load_state_dict(load_state_dict(full / "last.ckpt"))
 
