@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,8 +46,7 @@ def load_state_dict(ckpt_path: str | Path, location: str | torch.device = "cpu")
         try:
             state = torch.load(path, map_location=location, weights_only=True)
         except pickle.UnpicklingError as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: cannot be loaded safely as a checkpoint ({first_line})") from err
+            raise CheckpointError(f"{path}: {_unpickling_problem(str(err))}") from err
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line})") from err
@@ -57,6 +57,18 @@ def load_state_dict(ckpt_path: str | Path, location: str | torch.device = "cpu")
     if not tensors:
         raise CheckpointError(f"{path}: contains no tensors")
     return tensors
+
+
+def _unpickling_problem(message: str) -> str:
+    """Say in plain words why a weights-only load refused a file (torch's message is long and styled)."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if refused:
+        return (f"holds a pickled object ({refused.group(1)}) besides tensors, which a weights-only load "
+                "refuses; only load such a file if you trust it, and re-save its state dict")
+    if "invalid load key" in message or "could not find MARK" in message:
+        return "not a checkpoint (neither a PyTorch zip archive nor a pickle)"
+    return "not a readable checkpoint (the pickle inside is damaged)"
 
 
 def context_dim_of(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int | None:

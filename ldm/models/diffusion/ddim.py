@@ -21,7 +21,9 @@ def make_ddim_timesteps(num_ddim_steps: int, num_train_steps: int = 1000, method
     """The original's DDIM timesteps, ascending: every `num_train_steps // num_ddim_steps`-th step, plus one.
 
     As in the original, a step count that does not divide the training steps gives a few extra steps
-    (30 of 1000 gives 31); the numbers are kept so results match the original code.
+    (30 of 1000 gives 31), kept so that results match the original code. Where the original's last step
+    would be `num_train_steps` itself (3, 9, 27, 101-111, ... steps), which it cannot index and crashes on,
+    that step is dropped.
     """
     if not 0 < num_ddim_steps <= num_train_steps:
         raise ValueError(f"steps must be in [1, {num_train_steps}], got {num_ddim_steps}")
@@ -31,7 +33,8 @@ def make_ddim_timesteps(num_ddim_steps: int, num_train_steps: int = 1000, method
         steps = (np.linspace(0, np.sqrt(num_train_steps * 0.8), num_ddim_steps) ** 2).astype(int)
     else:
         raise ValueError(f"unknown DDIM discretization {method!r}; expected 'uniform' or 'quad'")
-    return steps + 1
+    steps = steps + 1
+    return steps[steps < num_train_steps]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,130 @@
+"""Shared fixtures: the repository root on sys.path, the reference directory, and a seeded tiny ControlLDM."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+TINY_CONFIG = ROOT / "models" / "cldm_tiny.yaml"
+TINY_SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for the module (`pytestmark = pytest.mark.usefixtures("single_thread")`).
+
+    For tiny models on a small, shared CPU, OpenMP hand-offs cost far more than the arithmetic: a tiny
+    ControlLDM forward takes 0.04 s on one thread and 0.6-5 s on two busy cores. Setting OMP_NUM_THREADS
+    turns this off.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def reference_file(name: str) -> Path:
+    """A file of /work/shared/reference, or skip the test when the reference files are not available."""
+    path = REFERENCE_DIR / name
+    if not path.is_file():
+        pytest.skip(f"reference file {name} not found in {REFERENCE_DIR} (CI provides it there)")
+    return path
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """norm(out - ref) / norm(ref), in float64."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def build_tiny(tmp_path: Path | None = None, **overrides: Any) -> Any:
+    """`create_model` on models/cldm_tiny.yaml, with `model.params` overridden through OmegaConf.
+
+    The result is built deferred (not initialised): load a state dict into it, or let it materialise itself.
+    """
+    from omegaconf import OmegaConf
+
+    from cldm.model import create_model
+
+    if not overrides:
+        return create_model(TINY_CONFIG)
+    if tmp_path is None:
+        raise ValueError("overrides need a tmp_path to write the edited config to")
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params = OmegaConf.merge(config.model.params, overrides)
+    path = tmp_path / "cldm_tiny_override.yaml"
+    OmegaConf.save(config, path)
+    return create_model(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> dict[str, torch.Tensor]:
+    """The full state dict of a tiny ControlLDM with seeded random weights.
+
+    A fresh model's zero-initialised layers (zero convs, the hint block's last conv, the UNet's output
+    conv, transformer `proj_out`s, the second conv of each ResBlock) make its output identically zero and
+    its control ineffective; here they get small random values too, so that every path is exercised.
+    """
+    torch.manual_seed(TINY_SEED)
+    model = build_tiny()
+    model.materialize()
+    generator = torch.Generator().manual_seed(TINY_SEED)
+    with torch.no_grad():
+        for part in (model.model.diffusion_model, model.control_model):
+            for p in part.parameters():
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return {k: v.detach().clone() for k, v in torch.nn.Module.state_dict(model).items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_session_model(tiny_state: dict[str, torch.Tensor]) -> Any:
+    model = build_tiny()
+    model.load_state_dict(tiny_state)
+    return model.eval()
+
+
+def _reset(model: Any) -> None:
+    model.eval()
+    model.control_scales = [1.0] * model.control_model.num_residuals
+    model.only_mid_control = False
+    model.sd_locked = True
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.fixture
+def tiny_model(tiny_session_model: Any) -> Iterator[Any]:
+    """The session's tiny ControlLDM (eval mode, locked SD, unit control scales), reset after each test.
+
+    Tests may change its flags and take gradients, but must not change its weights.
+    """
+    _reset(tiny_session_model)
+    yield tiny_session_model
+    _reset(tiny_session_model)
+
+
+def tiny_inputs(batch: int = 2, seed: int = 0, size: int = 8) -> dict[str, torch.Tensor]:
+    """Latent x [B,4,size,size], timesteps, a text context [B,77,32] and a hint [B,3,8*size,8*size]."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(batch, 4, size, size, generator=g),
+        "t": torch.randint(0, 1000, (batch,), generator=g),
+        "ctx": torch.randn(batch, 77, 32, generator=g),
+        "hint": torch.rand(batch, 3, 8 * size, 8 * size, generator=g),
+    }
