@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from cldm.logger import ImageLogger
@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", default="1", help="number of devices, or a list like 0,1")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--strategy", default="auto", help="e.g. ddp, fsdp, deepspeed_stage_2 (see docs/train.md)")
+    p.add_argument("--logger", default="csv", choices=["csv", "tensorboard"], help="where metrics go, under OUT/logs")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, default=None, help="resize source and target to this square size")
@@ -64,6 +65,15 @@ def parse_devices(text: str) -> int | list[int] | str:
     if "," in text:
         return [int(d) for d in text.split(",") if d]
     return int(text)
+
+
+def make_logger(kind: str, out: Path) -> Logger:
+    if kind == "tensorboard":
+        try:
+            return TensorBoardLogger(out, name="logs")
+        except ModuleNotFoundError as err:
+            raise SystemExit("error: --logger tensorboard needs: pip install tensorboard") from err
+    return CSVLogger(out, name="logs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, strategy=args.strategy, precision=args.precision,
         max_steps=args.max_steps, accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()], logger=CSVLogger(out, name="logs"), default_root_dir=out,
+        plugins=[AtomicCheckpointIO()], logger=make_logger(args.logger, out), default_root_dir=out,
         enable_checkpointing=False, use_distributed_sampler=False, log_every_n_steps=1,
     )
 
