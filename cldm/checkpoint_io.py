@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cldm.model import CONFIG_FOR_CONTEXT_DIM, CheckpointError, context_dim_of
+from cldm.model import CONFIG_FOR_CONTEXT_DIM, CheckpointError, context_dim_of, describe_family
 
 #: Key prefixes of the parts of a ControlLDM checkpoint.
 UNET_PREFIX = "model.diffusion_model."
@@ -31,7 +31,6 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 #: Submodules only a ControlNet has: a file holding them without a prefix is a control-only checkpoint.
 CONTROL_ONLY_PARTS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
-FAMILY_OF_CONTEXT_DIM = {768: "SD1.x", 1024: "SD2.x"}
 #: Extensions that `save_state_dict` writes with `torch.save` (the others: `.safetensors`).
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -158,11 +157,6 @@ def key_group(key: str) -> str:
 def key_groups(keys: Iterable[str]) -> dict[str, int]:
     """How many keys each part has, in first-seen order: a summary short enough to print."""
     return dict(Counter(key_group(k) for k in keys))
-
-
-def describe_family(context_dim: int) -> str:
-    family = FAMILY_OF_CONTEXT_DIM.get(context_dim)
-    return f"an {family} model (text width {context_dim})" if family else f"a model with text width {context_dim}"
 
 
 def config_for_unet(state_dict: Mapping[str, torch.Tensor], prefix: str, label: str) -> str:

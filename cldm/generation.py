@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from cldm.annotators import PREPROCESSORS, Preprocessor, get_preprocessor
+from cldm.checkpoint_io import sha256_short
 from cldm.control_image import (
     RESIZE_MODES,
     ResizeMode,
@@ -35,7 +36,7 @@ from cldm.control_image import (
     to_rgb_uint8,
 )
 from cldm.guidance import CONTROL_MODES, Control, ControlledCFG, ControlledUNet, ControlMode
-from cldm.model import CheckpointError, context_dim_of, create_model, load_state_dict
+from cldm.model import FAMILY_OF_CONTEXT_DIM, CheckpointError, context_dim_of, create_model, load_state_dict
 from ldm.models.diffusion.ddim import DDIMSchedule, sample_ddim
 from ldm.models.diffusion.dpm_solver import DPMSolverSchedule, sample_dpmpp_2m
 from ldm.util import instantiate_from_config
@@ -49,7 +50,6 @@ DEFAULT_CFG_SCALE = 9.0
 NEAREST_RESIZE_PREPROCESSORS = frozenset({"seg", "scribble"})
 CONTROL_PREFIX = "control_model."
 UNET_PREFIX = "model.diffusion_model."
-FAMILY = {768: "SD1.x", 1024: "SD2.x"}
 
 #: Keys that `ControlUnit.settings()` and the pipeline add to a unit's record, ignored when reading one back.
 RECORD_ONLY_KEYS = frozenset({"image_sha256", "model_name"})
@@ -63,11 +63,7 @@ def short_sha256(data: bytes) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """First 12 hex digits of a file's sha256: enough to tell which file made an image."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return sha256_short(path, 12)
 
 
 def load_image(source: ImageSource) -> np.ndarray:
@@ -189,7 +185,7 @@ def hint_tensor(control_map: np.ndarray) -> torch.Tensor:
 
 
 def _family(width: int | None) -> str:
-    return FAMILY.get(width or 0, f"text width {width}")
+    return FAMILY_OF_CONTEXT_DIM.get(width or 0, f"text width {width}")
 
 
 def split_control_weights(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,7 +15,8 @@ from torch import nn
 
 from ldm.util import get_obj_from_str, instantiate_from_config
 
-#: Text-embedding width of each Stable Diffusion family, and the config that builds it.
+#: Text-embedding width of each Stable Diffusion family, its name, and the config that builds it.
+FAMILY_OF_CONTEXT_DIM = {768: "SD1.x", 1024: "SD2.x"}
 CONFIG_FOR_CONTEXT_DIM = {768: "models/cldm_v15.yaml", 1024: "models/cldm_v21.yaml"}
 CROSS_ATTN_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
@@ -77,6 +78,12 @@ def context_dim_of(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int |
     return None if weight is None else int(weight.shape[1])
 
 
+def describe_family(context_dim: int | None) -> str:
+    """`an SD1.x model (text width 768)`: how errors name a checkpoint's family."""
+    family = FAMILY_OF_CONTEXT_DIM.get(context_dim or 0)
+    return f"an {family} model (text width {context_dim})" if family else f"a model with text width {context_dim}"
+
+
 def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
     """One line saying why a checkpoint does not fit `model`, and what to use instead."""
     expected = nn.Module.state_dict(model)  # not a subclass override that may initialise weights first
@@ -84,7 +91,7 @@ def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
         have, want = context_dim_of(state_dict, prefix), context_dim_of(expected, prefix)
         if have is not None and want is not None and have != want:
             config = CONFIG_FOR_CONTEXT_DIM.get(have, "a config with context_dim " + str(have))
-            family = {768: "SD1.x", 1024: "SD2.x"}.get(have, "another")
+            family = FAMILY_OF_CONTEXT_DIM.get(have, "another")
             return (f"checkpoint is an {family} model (text width {have}) but the config builds text width "
                     f"{want}: use {config}")
     missing = [k for k in expected if k not in state_dict]
