@@ -7,7 +7,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import CPU_CHECKPOINT_MIN_ELEMENTS, checkpoint, zero_module
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels_last (and not also plain contiguous, as [N, C, 1, 1] is)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class GEGLU(nn.Module):
@@ -73,9 +78,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.use_checkpoint = checkpoint
+        self.checkpoint_cpu_min_elements = CPU_CHECKPOINT_MIN_ELEMENTS
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return checkpoint(self._forward, x, context, enabled=self.use_checkpoint)
+        return checkpoint(self._forward, x, context, enabled=self.use_checkpoint,
+                          cpu_min_elements=self.checkpoint_cpu_min_elements)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         x = self.attn1(self.norm1(x), context if self.disable_self_attn else None) + x
@@ -114,6 +121,7 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | list[torch.Tensor] | None = None) -> torch.Tensor:
         contexts = context if isinstance(context, list) else [context] * len(self.transformer_blocks)
         _, _, h, w = x.shape
+        memory_format = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
@@ -125,7 +133,11 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=ctx)
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        # The view back to b c h w has channels_last strides. Left so, the conv and the residual add below
+        # would hand channels_last activations to every later layer while the weights stay contiguous, and
+        # each conv would then reorder its weight (and its weight gradient back) on every call: a fifth of a
+        # CPU training step. So the output keeps the input's memory format.
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous(memory_format=memory_format)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in

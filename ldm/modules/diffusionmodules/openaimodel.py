@@ -16,6 +16,7 @@ from torch import nn
 
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
+    CPU_CHECKPOINT_MIN_ELEMENTS,
     avg_pool_nd,
     checkpoint,
     conv_nd,
@@ -95,6 +96,7 @@ class ResBlock(TimestepBlock):
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
+        self.checkpoint_cpu_min_elements = CPU_CHECKPOINT_MIN_ELEMENTS
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
@@ -122,7 +124,8 @@ class ResBlock(TimestepBlock):
             self.skip_connection = conv_nd(dims, channels, self.out_channels, kernel, padding=pad)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
+        return checkpoint(self._forward, x, emb, enabled=self.use_checkpoint,
+                          cpu_min_elements=self.checkpoint_cpu_min_elements)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.updown:

@@ -72,11 +72,71 @@ def normalization(channels: int) -> nn.Module:
     return GroupNorm32(32, channels)
 
 
+#: Values one output pixel reads (in_channels * kernel height * kernel width) from which a 2-D conv on the CPU
+#: is computed as a matrix product: 1280 channels through a 3x3 kernel, the UNet's deepest levels.
+GEMM_CONV_MIN_REDUCTION = 1280 * 3 * 3
+#: Largest batch * output pixels for that path: its unfolded input (kept for the weight gradient) grows
+#: with the map, and at 32x32 and beyond oneDNN's direct convolution is as fast anyway.
+GEMM_CONV_MAX_PIXELS = 512
+
+
+def conv2d_as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
+    """`F.conv2d` (zero padding, one group) as im2col and one matrix product per image: same sums, other order.
+
+    Autograd gives the backward: the input gradient through `fold`, the weight gradient as a product
+    with the unfolded input.
+    """
+    n, _, h, w = x.shape
+    out_channels, _, kh, kw = weight.shape
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    columns = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [N, C*kh*kw, L]
+    matrix = weight.reshape(out_channels, -1)
+    if n == 1:
+        out = (torch.mm(matrix, columns[0]) if bias is None
+               else torch.addmm(bias.unsqueeze(1), matrix, columns[0])).unsqueeze(0)
+    else:
+        out = torch.matmul(matrix, columns)
+        if bias is not None:
+            out = out + bias.unsqueeze(1)
+    return out.reshape(n, out_channels, h_out, w_out)
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` that computes wide convolutions on small maps as a matrix product on the CPU.
+
+    Why: for 1280+ input channels on maps of at most 16x16 pixels (the UNet's two deepest levels at 256
+    and 512 px) oneDNN's direct convolution runs at a third of the machine's matmul speed: at 8x8, 66 ms
+    forward and 257 ms forward + backward against 28 and 118 ms for im2col + GEMM (1 thread, fp32). The
+    parameters, state-dict keys and results (up to float summation order) are those of `nn.Conv2d`;
+    other devices, dtypes, grouped or non-zero-padded convs and channels_last inputs (whose layout the
+    direct path keeps) take the usual path.
+    """
+
+    def _gemm_pays(self, x: torch.Tensor) -> bool:
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.groups != 1 or x.dim() != 4
+                or self.padding_mode != "zeros" or isinstance(self.padding, str) or not x.is_contiguous()):
+            return False
+        kh, kw = self.kernel_size
+        if self.in_channels * kh * kw < GEMM_CONV_MIN_REDUCTION:
+            return False
+        h_out = (x.shape[2] + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        w_out = (x.shape[3] + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return x.shape[0] * h_out * w_out <= GEMM_CONV_MAX_PIXELS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gemm_pays(x):
+            padding = tuple(self.padding)  # an int tuple here: string paddings take the direct path
+            return conv2d_as_gemm(x, self.weight, self.bias, self.stride, padding, self.dilation)
+        return super().forward(x)
+
+
 def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     if dims == 1:
         return nn.Conv1d(*args, **kwargs)
     if dims == 2:
-        return nn.Conv2d(*args, **kwargs)
+        return Conv2d(*args, **kwargs)
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
     raise ValueError(f"unsupported dimensions: {dims}")
@@ -86,16 +146,25 @@ def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
     return {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}[dims](*args, **kwargs)
 
 
-def checkpoint(fn: Callable[..., torch.Tensor], *args: Any, enabled: bool) -> torch.Tensor:
-    """Recompute `fn` in backward instead of storing activations, only when a backward can happen.
+#: On the CPU, the smallest block input (in elements) whose activations are worth recomputing instead of keeping:
+#: 2**22 values, 16 MiB in fp32. Below it a block keeps a few tens of MB, which CPU RAM holds easily, while
+#: recomputing it costs its whole forward pass again (a quarter of an SD1.5 training step at 256 px).
+CPU_CHECKPOINT_MIN_ELEMENTS = 2**22
+
+
+def checkpoint(fn: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, enabled: bool,
+               cpu_min_elements: int = CPU_CHECKPOINT_MIN_ELEMENTS) -> torch.Tensor:
+    """Recompute `fn(x, *args)` in backward instead of storing activations, only where that pays.
 
     Non-reentrant checkpointing works with frozen inputs and parameters, unlike the original's custom
-    function; under `torch.no_grad` (inference, the locked encoder) there is nothing to save, so it is
-    skipped.
+    function. It is skipped under `torch.no_grad` (inference, the locked encoder: nothing is stored), and on
+    the CPU for inputs smaller than `cpu_min_elements`, where memory is plentiful and compute is not; GPUs
+    checkpoint every enabled block, as configured. Results are the same either way.
     """
-    if enabled and torch.is_grad_enabled():
-        return torch_checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+    if (enabled and torch.is_grad_enabled()
+            and (x.device.type != "cpu" or x.numel() >= cpu_min_elements)):
+        return torch_checkpoint(fn, x, *args, use_reentrant=False)
+    return fn(x, *args)
 
 
 def extract_into_tensor(values: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
