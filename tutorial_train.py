@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, default=None, help="resize source and target to this square size")
     p.add_argument("--skip_bad", action="store_true", help="skip unusable dataset lines (counted and reported)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="encode targets (VAE) and prompts (text encoder) once into DIR and train from that cache")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt exactly where it stopped")
     p.add_argument("--fidelity_every", type=int, default=0, help="score control fidelity every N steps (0: off)")
     p.add_argument("--fidelity_n", type=int, default=8, help="held-out hints scored each time")
@@ -105,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     dataset = MyDataset(root=args.data, skip_bad=args.skip_bad, drop_prompt=args.drop_prompt, seed=args.seed,
                         size=args.image_size)
     print(dataset.report())
+    if args.cache:  # the training step then runs neither the VAE encoder nor the text encoder
+        from training.cache import CachedDataset, build_cache, model_fingerprint
+
+        fingerprint = model_fingerprint(model)
+        print(build_cache(model, dataset, args.cache, fingerprint=fingerprint))
+        dataset = CachedDataset(dataset, args.cache, fingerprint)
     sampler = ResumableSampler(len(dataset), seed=args.seed)
     dataloader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                             persistent_workers=args.num_workers > 0, pin_memory=torch.cuda.is_available())
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {err}; last good checkpoint: {last}") from None
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoint {last}; image grids in {out / 'image_log'}")
-        if hasattr(dataset, "skipped") and dataset.skipped:
+        if getattr(dataset, "skipped", None):
             print(dataset.report())
     return 0
 
