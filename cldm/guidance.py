@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from cldm.cldm import guess_mode_scales
+from ldm.models.diffusion.guidance import combine_guidance
 
 ControlMode = Literal["balanced", "prompt", "controlnet"]
 CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "controlnet")
@@ -173,4 +174,4 @@ class ControlledCFG:
         else:
             out_uncond = self.model(x, t, self.uncond, ~yes, progress)
             out_cond = self.model(x, t, self.cond, yes, progress)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+        return combine_guidance(out_uncond, out_cond, self.scale)

@@ -20,6 +20,11 @@ class DiffusionModel(Protocol):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
 
 
+def combine_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: move from the unconditional prediction `scale` times towards the conditional."""
+    return out_uncond + scale * (out_cond - out_uncond)
+
+
 def concat_conditions(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any] | None:
     """Stack two condition dicts along the batch, or None when they cannot share one forward pass."""
     if first.keys() != second.keys():
@@ -60,4 +65,4 @@ class ClassifierFreeGuidance:
         else:
             out_cond = self.model.apply_model(x, t, self.cond)
             out_uncond = self.model.apply_model(x, t, self.uncond)
-        return out_uncond + self.scale * (out_cond - out_uncond)
+        return combine_guidance(out_uncond, out_cond, self.scale)
