@@ -2,7 +2,7 @@
 
 Each stage runs the repository's own command line in a subprocess, exactly as a user would type it:
 
-1. `training/make_fill50k.py`: circle outlines (hints), filled circles (targets) and prompts, at 32 px.
+1. `training/make_fill50k.py`: circle outlines (hints), filled circles (targets) and prompts, at 16 px.
 2. `training/pretrain_base.py`: the base text-to-image model (the part SD1.5 plays); skipped when its
    checkpoint exists. It draws the prompted colours, with the circle wherever it likes.
 3. `tool_add_control.py`: the base checkpoint plus a ControlNet copied from its UNet encoder.
@@ -13,6 +13,8 @@ Each stage runs the repository's own command line in a subprocess, exactly as a 
 
     python demo.py                     # or: make demo
     python demo.py --quick             # a smoke run of the same pipeline in about a minute (no quality)
+
+Each stage runs on one CPU thread unless `--threads` or $OMP_NUM_THREADS says otherwise.
 
 Settings come from the `demo:` section of configs/demo_fill50k.yaml and the `pretrain:` section of
 configs/base_fill50k.yaml; `--out` is recreated on every run (only a folder this script made is removed).
@@ -41,17 +43,18 @@ class DemoSettings:
 
     seed: int = 0
     data_n: int = 10000
-    batch_size: int = 32
-    max_steps: int = 500
+    batch_size: int = 16
+    max_steps: int = 1000
     learning_rate: float = 3e-4
     drop_prompt: float = 0.0
-    logger_freq: int = 100
+    logger_freq: int = 250
     fidelity_every: int = 50
     fidelity_n: int = 16
-    eval_n: int = 64
+    eval_n: int = 128
     eval_seed: int = 1
-    pretrain_steps: int | None = None  # None: the base config's own
+    eval_guidance_scale: float = 3.0
     eval_ddim_steps: int = 20
+    pretrain_steps: int | None = None  # None: the base config's own
 
 
 #: `--quick`: the same pipeline at smoke-test length; the scores it prints mean nothing.
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="generated training set (default training/fill50k_demo; with --quick, OUT/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (recreated)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per stage (default: all; 1 is faster on a machine that is busy)")
+                        help="CPU threads per stage (default: $OMP_NUM_THREADS, else 1; on a 2-core machine that "
+                             "something else keeps busy, two threads ran 7x slower than one)")
     parser.add_argument("--quick", action="store_true", help="smoke-test lengths: checks the pipeline, not quality")
     args = parser.parse_args(argv)
     try:
@@ -110,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    if args.threads is not None:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env["OMP_NUM_THREADS"] = str(args.threads or os.environ.get("OMP_NUM_THREADS") or 1)
     s, out = settings, args.out
     base = args.base or (out / "base.ckpt" if args.quick else Path("models/base_fill50k.ckpt"))
     data = args.data or (out / "data" if args.quick else Path("training/fill50k_demo"))
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["evaluate"] = run("evaluate", [
         "-m", "cldm.fidelity", "--config", str(args.config), "--ckpt", str(out / "last.ckpt"),
         "--n", str(s.eval_n), "--seed", str(s.eval_seed), "--ddim_steps", str(s.eval_ddim_steps),
-        "--grid", str(out / "heldout.png")], env)
+        "--guidance_scale", str(s.eval_guidance_scale), "--grid", str(out / "heldout.png")], env)
 
     total = time.time() - start
     print("\n== done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))

@@ -5,8 +5,8 @@ Diffusion, which nobody can pretrain on a laptop. The demo's stand-in learns, in
 "<colour> circle with <colour> background" images (Fill50K targets) from their prompts, with no hint: it
 places its circles wherever it likes, which is exactly what the ControlNet then has to fix.
 
-The UNet and the tiny CLIP text encoder train together (a random, frozen text encoder hardly separates 78
-colour names, some of which share words: "dark slate blue", "slate blue"). Batches are drawn on the fly by
+The UNet and the tiny CLIP text encoder train together: nothing pretrained is downloaded, so the encoder
+learns its 78 colour names here (some share words: "dark slate blue", "slate blue"). Batches are drawn on the fly by
 `training.make_fill50k.sample_fill50k`, batch k of a run from the seed and k alone, and one prompt in ten is
 dropped so that classifier-free guidance has an unconditional model to push away from.
 
