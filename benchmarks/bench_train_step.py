@@ -17,8 +17,7 @@ Two modes:
 
 Contenders are named `ours`, `ours-cached` (loop mode only) or `diffusers`, with optional suffixes:
 `+cl` (channels_last memory format), `+fused` (AdamW(fused=True)), `+ckpt` / `+nockpt` (gradient
-checkpointing in both the UNet and the ControlNet, or in neither; default: `--checkpointing`), `+vaecl`
-(ours: channels_last for the frozen VAE only), `+ckptall`
+checkpointing in both the UNet and the ControlNet, or in neither; default: `--checkpointing`), `+ckptall`
 (ours: checkpoint every block, also those the CPU policy of `ldm.modules.diffusionmodules.util.checkpoint`
 skips because their activations are small).
 
@@ -77,25 +76,23 @@ class Contender:
     checkpointing: bool
     fused_adamw: bool
     checkpoint_all: bool
-    vae_channels_last: bool
 
     @classmethod
     def parse(cls, name: str, default_checkpointing: bool) -> Contender:
         base, *flags = name.split("+")
-        unknown = set(flags) - {"cl", "ckpt", "ckptall", "nockpt", "fused", "vaecl"}
+        unknown = set(flags) - {"cl", "ckpt", "ckptall", "nockpt", "fused"}
         if base not in ("ours", "ours-cached", "diffusers") or unknown:
             raise ValueError(f"unknown contender {name!r}")
         checkpointing = default_checkpointing
         if {"ckpt", "ckptall", "nockpt"} & set(flags):
             checkpointing = "nockpt" not in flags
         return cls("diffusers" if base == "diffusers" else "ours", base == "ours-cached", "cl" in flags,
-                   checkpointing, "fused" in flags, "ckptall" in flags, "vaecl" in flags)
+                   checkpointing, "fused" in flags, "ckptall" in flags)
 
     @property
     def label(self) -> str:
         name = "ours" + (" cached" if self.cached else "") if self.impl == "ours" else "diffusers"
         return name + (" +channels_last" if self.channels_last else "") + (
-            " +VAE channels_last" if self.vae_channels_last else "") + (
             " +fused AdamW" if self.fused_adamw else "") + (
             (" +ckpt all blocks" if self.checkpoint_all else " +ckpt") if self.checkpointing else " no-ckpt")
 
@@ -136,8 +133,6 @@ def build_ours(contender: Contender, config: str) -> tuple[Any, Step]:
             module.checkpoint_cpu_min_elements = 0  # every block, as diffusers does, not only the large ones
     if contender.channels_last:
         model.to(memory_format=torch.channels_last)
-    if contender.vae_channels_last:  # the frozen VAE only: oneDNN's NHWC convs are ~10% faster at 256x256
-        model.first_stage_model.to(memory_format=torch.channels_last)
     model.train()
     optimizer = model.configure_optimizers()
     if contender.fused_adamw:  # one kernel per tensor instead of ~8 passes over memory (see README)

@@ -162,7 +162,11 @@ class ControlLDM(LatentDiffusion):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         self.materialize()
-        return torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate)
+        params = self.trainable_parameters()
+        # The fused kernel is one call for all tensors instead of a Python loop over each: 3.4 s -> 0.25 s
+        # of a CPU SD1.5 step (docs/BENCHMARKS.md).
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=self.learning_rate, fused=fused or None)
 
     @torch.no_grad()
     def get_input(self, batch: dict[str, Any], k: str, bs: int | None = None, *args: Any, **kwargs: Any
