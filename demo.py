@@ -14,7 +14,8 @@ Each stage runs the repository's own command line in a subprocess, exactly as a 
     python demo.py                     # or: make demo
     python demo.py --quick             # a smoke run of the same pipeline in about a minute (no quality)
 
-Each stage runs on one CPU thread unless `--threads` or $OMP_NUM_THREADS says otherwise.
+Each stage uses all CPU cores up to four (`--threads` or $OMP_NUM_THREADS say otherwise); the same thread count on
+the same machine gives the same numbers.
 
 Settings come from the `demo:` section of configs/demo_fill50k.yaml and the `pretrain:` section of
 configs/base_fill50k.yaml; `--out` is recreated on every run (only a folder this script made is removed).
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="generated training set (default training/fill50k_demo; with --quick, OUT/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (recreated)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads per stage (default: $OMP_NUM_THREADS, else 1; on a 2-core machine that "
-                             "something else keeps busy, two threads ran 7x slower than one)")
+                        help="CPU threads per stage (default: $OMP_NUM_THREADS, else the cores up to 4; use 1 when "
+                             "something else keeps the cores busy: oversubscribed threads run several times slower)")
     parser.add_argument("--quick", action="store_true", help="smoke-test lengths: checks the pipeline, not quality")
     args = parser.parse_args(argv)
     try:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    env["OMP_NUM_THREADS"] = str(args.threads or os.environ.get("OMP_NUM_THREADS") or 1)
+    env["OMP_NUM_THREADS"] = str(args.threads or os.environ.get("OMP_NUM_THREADS") or min(os.cpu_count() or 1, 4))
     s, out = settings, args.out
     base = args.base or (out / "base.ckpt" if args.quick else Path("models/base_fill50k.ckpt"))
     data = args.data or (out / "data" if args.quick else Path("training/fill50k_demo"))
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "--learning_rate", str(s.learning_rate), "--drop_prompt", str(s.drop_prompt),
         "--logger_freq", str(s.logger_freq), "--log_ddim_steps", str(s.eval_ddim_steps), "--seed", str(s.seed),
         "--fidelity_every", str(s.fidelity_every), "--fidelity_n", str(s.fidelity_n),
-        "--fidelity_kind", "fill50k"], env)
+        "--fidelity_kind", "fill50k", "--log_guidance_scale", str(s.eval_guidance_scale)], env)
     timings["evaluate"] = run("evaluate", [
         "-m", "cldm.fidelity", "--config", str(args.config), "--ckpt", str(out / "last.ckpt"),
         "--n", str(s.eval_n), "--seed", str(s.eval_seed), "--ddim_steps", str(s.eval_ddim_steps),

@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--logger_freq", type=int, default=300, help="image grids every N steps")
     p.add_argument("--log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    p.add_argument("--log_guidance_scale", type=float, default=9.0,
+                   help="classifier-free guidance of the samples drawn during training: image grids and fidelity")
     p.add_argument("--save_every", type=int, default=None, help="write last.ckpt every N steps (default: logger_freq)")
     p.add_argument("--sd_locked", action=argparse.BooleanOptionalAction, default=True,
                    help="keep SD frozen (--no-sd_locked also trains the UNet decoder)")
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     samples_per_step = args.batch_size * args.accumulate_grad_batches * max(world, 1)
     callbacks: list[pl.Callback] = [
         ImageLogger(batch_frequency=args.logger_freq, save_dir=out,
-                    log_images_kwargs={"ddim_steps": args.log_ddim_steps}),
+                    log_images_kwargs={"ddim_steps": args.log_ddim_steps,
+                                       "unconditional_guidance_scale": args.log_guidance_scale}),
         ExactResume(sampler, samples_per_step),
         Throughput(args.batch_size),
         LastCheckpoint(out, args.save_every or args.logger_freq),
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
         callbacks.append(fidelity_callback_from_args(
             kind=args.fidelity_kind, every_n_steps=args.fidelity_every, n=args.fidelity_n, seed=args.seed,
-            data_root=args.data, image_size=args.image_size, out_dir=str(out)))
+            data_root=args.data, image_size=args.image_size, out_dir=str(out), guidance_scale=args.log_guidance_scale))
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, strategy=args.strategy, precision=args.precision,
         max_steps=args.max_steps, accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks,

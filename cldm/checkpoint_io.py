@@ -77,13 +77,18 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *,
     return out
 
 
-def sha256_short(path: str | Path, length: int = 10) -> str:
-    """First `length` hex digits of a file's SHA-256: enough to tell checkpoints apart in logs and reports."""
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes as stored (before any decoding), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
-    return digest.hexdigest()[:length]
+    return digest.hexdigest()
+
+
+def sha256_short(path: str | Path, length: int = 10) -> str:
+    """First `length` hex digits of a file's SHA-256: enough to tell checkpoints apart in logs and reports."""
+    return file_sha256(path)[:length]
 
 
 def _write_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:

@@ -83,17 +83,15 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: flo
 
 
 def training_step(model: Any, batch: dict[str, Any], seed: int = 7) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss and ControlNet gradients of one step at a fixed seed.
+    """Loss and ControlNet gradients of one step at a fixed seed, with the noise `p_losses` draws itself.
 
-    The diffusion noise is drawn here in the standard layout and passed in: `p_losses` draws it with
-    `randn_like(latent)`, which follows the latent's memory format, so under channels_last the same seed
-    would put the same random numbers at other positions (an equally valid sample, but not comparable).
+    That noise must not follow the latent's memory format (as `randn_like` would), or under channels_last the
+    same seed would put the same random numbers at other positions and the losses would not be comparable.
     """
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     x, c = model.get_input(batch, model.first_stage_key)
-    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    loss, _ = model(x, c, noise)
+    loss, _ = model(x, c)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.control_model.named_parameters()}
 

@@ -40,6 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from cldm.checkpoint_io import file_sha256
 from training.dataset import ControlDataset
 
 #: Bump when what is stored, or how keys are made, changes: every older entry then goes stale.
@@ -84,15 +85,6 @@ def _sha256(*parts: str | bytes) -> str:
         data = part.encode("utf-8") if isinstance(part, str) else part
         digest.update(len(data).to_bytes(8, "little"))  # length-prefixed: ("ab", "c") != ("a", "bc")
         digest.update(data)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (the image as stored, before any decoding)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -144,21 +136,6 @@ def model_fingerprint(model: Any, full: bool = False) -> str:
     return digest.hexdigest()
 
 
-# ----- the data set's side --------------------------------------------------------------------------------
-# ControlDataset exposes neither an item's file paths nor its hint alone; these two helpers are the only
-# places that reach into it, so that a public accessor can replace them in one spot.
-def target_path(dataset: ControlDataset, index: int) -> Path:
-    """The file of item `index`'s target image."""
-    return Path(dataset._records[index].target)
-
-
-def load_hint(dataset: ControlDataset, index: int) -> np.ndarray:
-    """Item `index`'s hint exactly as `dataset[index]['hint']` (HWC float32 in [0, 1]), target not decoded."""
-    record = dataset._records[index]
-    return dataset._load(record, record.source, matte=0).astype(np.float32) / 255.0
-
-
-# ----- the store -------------------------------------------------------------------------------------------
 def _shard_paths(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.glob("*" + SHARD_SUFFIX) if p.is_file())
 
@@ -205,7 +182,7 @@ def build_cache(model: Any, dataset: ControlDataset, cache_dir: str | os.PathLik
     fingerprint = fingerprint or model_fingerprint(model)
     size = getattr(dataset, "size", None)
     stored = index_shards(cache_dir)
-    keys = [item_key(fingerprint, file_sha256(target_path(dataset, i)), size) for i in range(len(dataset))]
+    keys = [item_key(fingerprint, file_sha256(dataset.target_path(i)), size) for i in range(len(dataset))]
     texts = sorted({"", *(dataset.prompt(i) for i in range(len(dataset)))})
     wanted = {MOMENTS_PREFIX + k for k in keys} | {CONTEXT_PREFIX + prompt_key(fingerprint, t) for t in texts}
     todo: list[int] = []  # items to encode; identical target files (same key) only once
@@ -270,13 +247,13 @@ class CachedDataset(Dataset):
         self.fingerprint = model_fingerprint
         self.verify = verify
         self._size = getattr(dataset, "size", None)
-        self._content = [file_sha256(target_path(dataset, i)) for i in range(len(dataset))]
+        self._content = [file_sha256(dataset.target_path(i)) for i in range(len(dataset))]
         self._index = index_shards(self.cache_dir)
         self._handles: dict[Path, Any] = {}
         missing = [i for i in range(len(dataset)) if self._moments_name(i) not in self._index]
         missing_texts = sorted({t for t in self._texts() if self._context_name(t) not in self._index})
         if missing or missing_texts:
-            first = (f"item {missing[0]} ({target_path(dataset, missing[0])})" if missing
+            first = (f"item {missing[0]} ({dataset.target_path(missing[0])})" if missing
                      else f"prompt {missing_texts[0]!r}")
             raise CacheMissError(f"{self.cache_dir}: {len(missing)} items and {len(missing_texts)} prompts are not "
                                  f"cached for model {model_fingerprint[:12]}, e.g. {first}; run build_cache")
@@ -312,13 +289,13 @@ class CachedDataset(Dataset):
         return self._tensor(self._context_name(""))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if self.verify and file_sha256(target_path(self.dataset, index)) != self._content[index]:
-            raise StaleCacheError(f"{target_path(self.dataset, index)} changed after the cache was opened; "
+        if self.verify and file_sha256(self.dataset.target_path(index)) != self._content[index]:
+            raise StaleCacheError(f"{self.dataset.target_path(index)} changed after the cache was opened; "
                                   "run build_cache again and reopen the CachedDataset")
         text = self.dataset.prompt(index)
         return {
             "latent_moments": self._tensor(self._moments_name(index)),
             "context": self._tensor(self._context_name(text)),
-            "hint": load_hint(self.dataset, index),
+            "hint": self.dataset.hint(index),
             "txt": text,
         }

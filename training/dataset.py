@@ -215,12 +215,20 @@ class ControlDataset(Dataset):
         """The prompt item ``index`` will carry (after dropout), without decoding its images."""
         return "" if self._dropped[index] else self._records[index].prompt
 
+    def target_path(self, index: int) -> Path:
+        """The file of item ``index``'s target image (what a latent cache keys on)."""
+        return self._records[index].target
+
+    def hint(self, index: int) -> np.ndarray:
+        """Item ``index``'s hint alone, as ``self[index]["hint"]`` (HWC float32 in [0, 1]); the target is not read."""
+        record = self._records[index]
+        return self._load(record, record.source, matte=0).astype(np.float32) / 255.0
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self._records[index]
-        source = self._load(record, record.source, matte=0)
         target = self._load(record, record.target, matte=255)
         return {
             "jpg": target.astype(np.float32) / 127.5 - 1.0,
             "txt": self.prompt(index),
-            "hint": source.astype(np.float32) / 255.0,
+            "hint": self.hint(index),
         }

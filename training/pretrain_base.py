@@ -159,12 +159,15 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: Path, meta: dict[
         tmp.unlink(missing_ok=True)
 
 
-def save_sample_grid(model: Any, path: Path, seed: int, n: int = 8) -> None:
-    """What the base draws for `n` held-out prompts without a hint: top row a true image for each prompt."""
+def save_sample_grid(model: Any, path: Path, seed: int, n: int = 8, guidance_scale: float = 3.0) -> None:
+    """What the base draws for `n` held-out prompts without a hint: top row a true image for each prompt.
+
+    Guidance 3, not SD's usual 9: this tiny model over-saturates its colours at 9.
+    """
     from cldm.fidelity import fill50k_heldout, generate, save_grid
 
     heldout = fill50k_heldout(n, seed, int(model.image_size))
-    save_grid([heldout.targets, generate(model, heldout.prompts, None, seed)], path)
+    save_grid([heldout.targets, generate(model, heldout.prompts, None, seed, guidance_scale=guidance_scale)], path)
 
 
 def config_from(section: Any, overrides: dict[str, Any]) -> PretrainConfig:

@@ -142,7 +142,8 @@ class LatentDiffusion(pl.LightningModule):
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noise clean latents to step t: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
-        noise = torch.randn_like(x_start) if noise is None else noise
+        if noise is None:  # drawn in the standard layout: a channels_last latent gets the same noise per position
+            noise = torch.randn(x_start.shape, dtype=x_start.dtype, device=x_start.device)
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
@@ -238,7 +239,8 @@ class LatentDiffusion(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        noise = torch.randn_like(x_start) if noise is None else noise
+        if noise is None:  # drawn in the standard layout: a channels_last latent gets the same noise per position
+            noise = torch.randn(x_start.shape, dtype=x_start.dtype, device=x_start.device)
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond)
         if self.parameterization == "eps":
