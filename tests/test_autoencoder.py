@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.autoencoder import AutoencoderKL, IdentityFirstStage
+from ldm.modules.diffusionmodules import model as vae_modules
 from ldm.modules.diffusionmodules.model import AttnBlock, Downsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -96,6 +97,21 @@ def test_tiny_vae_shapes() -> None:
     # attention at res 16 is present in both halves (decoder level 1 has num_res_blocks + 1)
     assert len(model.encoder.down[1].attn) == 1
     assert len(model.decoder.up[1].attn) == 2
+
+
+def test_channels_last_convolutions_change_no_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU runs the VAE's convolutions channels_last for speed; outputs match the plain layout's, contiguous."""
+    torch.manual_seed(0)
+    model = tiny_vae(ch_mult=[1, 2, 2], attn_resolutions=[16]).eval()
+    x, z = torch.randn(2, 3, 32, 32), torch.randn(2, model.decoder.conv_in.in_channels, 8, 8)
+    assert vae_modules.cpu_conv_layout(x).is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = model.encoder(x), model.decoder(z)
+        monkeypatch.setattr(vae_modules, "cpu_conv_layout", lambda t: t)
+        plain = model.encoder(x), model.decoder(z)
+    for got, want in zip(fast, plain):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_posterior_sampling_is_reproducible() -> None:

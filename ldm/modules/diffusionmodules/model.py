@@ -25,6 +25,16 @@ def group_norm(in_channels: int) -> nn.GroupNorm:
     )
 
 
+def cpu_conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """Activations in the layout the VAE's convolutions run fastest in: channels_last on the CPU.
+
+    Why: at full image resolution oneDNN's direct convolutions are ~10% faster on channels_last inputs
+    (1 thread, 256 px: encode 3.74 -> 3.39 s, decode 8.16 -> 7.46 s; the weights may stay as they are).
+    On other devices the caller's layout is kept. Results are equal up to float summation order.
+    """
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
     """Swish / SiLU, the only activation the autoencoder uses."""
     return F.silu(x)
@@ -214,7 +224,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(cpu_conv_layout(x))
         for i_level, level in enumerate(self.down):
             for i_block, block in enumerate(level.block):
                 h = block(h)
@@ -224,7 +234,7 @@ class Encoder(nn.Module):
                 h = level.downsample(h)
 
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(nonlinearity(self.norm_out(h)))
+        return self.conv_out(nonlinearity(self.norm_out(h))).contiguous()
 
 
 class Decoder(nn.Module):
@@ -294,7 +304,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
+        h = self.conv_in(cpu_conv_layout(z))
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
 
         for i_level in reversed(range(self.num_resolutions)):
@@ -307,6 +317,6 @@ class Decoder(nn.Module):
                 h = level.upsample(h)
 
         if self.give_pre_end:
-            return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
+            return h.contiguous()
+        h = self.conv_out(nonlinearity(self.norm_out(h))).contiguous()
         return torch.tanh(h) if self.tanh_out else h
