@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "--seed", str(s.seed), "--grid", str(out / "base_samples.png")], env)
     initial = out / "control_ini.ckpt"
     timings["add control"] = run("add control", ["tool_add_control.py", str(base), str(initial),
-                                                 "--config", str(args.config)], env)
+                                                 "--config", str(args.config), "--seed", str(s.seed)], env)
     timings["train control"] = run("train control", [
         "tutorial_train.py", "--config", str(args.config), "--resume_path", str(initial), "--data", str(data),
         "--out", str(out), "--batch_size", str(s.batch_size), "--max_steps", str(s.max_steps),

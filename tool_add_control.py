@@ -41,9 +41,12 @@ from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, CheckpointMismatchError
 USER_ERRORS = (CheckpointError, CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError)
 
 
-def add_control(input_path: str | Path, output_path: str | Path, config_path: str | Path | None = None
-                ) -> dict[str, Any]:
+def add_control(input_path: str | Path, output_path: str | Path, config_path: str | Path | None = None,
+                seed: int = 0) -> dict[str, Any]:
     """Write OUTPUT, a ControlLDM checkpoint whose ControlNet is initialised from INPUT's UNet.
+
+    The fresh parts (the hint block) are drawn from `seed`, so the same input and seed give the same
+    checkpoint, and a training run from it is reproducible end to end; the caller's RNG is left untouched.
 
     Returns a report: the config used, how many weights came from INPUT, were copied into the ControlNet,
     are new (by part) and were ignored (by part).
@@ -59,9 +62,12 @@ def add_control(input_path: str | Path, output_path: str | Path, config_path: st
     from_input = len(weights) - len(copied)
     ignored = [k for k in sd if k not in expected]
     # `assign` makes INPUT's tensors the model's own (no 4 GB copy); only what `weights` lacks is initialised
-    model.load_state_dict(weights, strict=False, assign=True)
-    del sd, weights
-    save_state_dict(model.state_dict(), out)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.load_state_dict(weights, strict=False, assign=True)
+        del sd, weights
+        state = model.state_dict()
+    save_state_dict(state, out)
     return {
         "input": str(input_path), "output": str(out), "config": config,
         "from_input": from_input, "copied_to_control": len(copied),
@@ -134,9 +140,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", default=None,
                         help="model config (default: models/cldm_v15.yaml or models/cldm_v21.yaml, "
                              "from the checkpoint's text width)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh hint-block weights (default 0)")
     args = parser.parse_args(argv)
     try:
-        report = add_control(args.input, args.output, args.config)
+        report = add_control(args.input, args.output, args.config, seed=args.seed)
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
     _print_report(report)

@@ -93,6 +93,19 @@ def test_add_control_safetensors_output(sd_file: Path, tiny_sd: SD, tmp_path: Pa
     assert [p.name for p in tmp_path.iterdir()] == ["control.safetensors"]  # no temporary file left behind
 
 
+def test_add_control_is_reproducible_from_its_seed(sd_file: Path, tmp_path: Path) -> None:
+    """Same input and seed, same checkpoint (so a demo run repeats exactly); another seed, another hint block."""
+    torch.manual_seed(123)
+    caller_rng = torch.get_rng_state()
+    runs = {name: tool_add_control.add_control(sd_file, tmp_path / f"{name}.ckpt", TINY, seed=seed)["output"]
+            for name, seed in (("a", 0), ("b", 0), ("c", 1))}
+    assert torch.equal(torch.get_rng_state(), caller_rng)
+    a, b, c = (load_state_dict(runs[name]) for name in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    differ = {k for k in a if not torch.equal(a[k], c[k])}
+    assert differ and all("input_hint_block" in k for k in differ)
+
+
 def test_add_control_refuses_existing_output(sd_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.ckpt"
     out.write_bytes(b"precious")
