@@ -45,7 +45,7 @@ class DemoSettings:
     seed: int = 0
     data_n: int = 10000
     batch_size: int = 16
-    max_steps: int = 1000
+    max_steps: int = 1500
     learning_rate: float = 3e-4
     drop_prompt: float = 0.0
     logger_freq: int = 250

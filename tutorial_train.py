@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1 trains until stopped")
     p.add_argument("--learning_rate", type=float, default=1e-5)
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+                   help="adamw (fused where the device has it) or adamw8bit (bitsandbytes, CUDA only, less memory)")
     p.add_argument("--logger_freq", type=int, default=300, help="image grids every N steps")
     p.add_argument("--log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
     p.add_argument("--log_guidance_scale", type=float, default=9.0,
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not resuming:  # a resumed run takes every weight from last.ckpt
         model.load_state_dict(load_state_dict(args.resume_path, location="cpu"))
     model.learning_rate = args.learning_rate
+    model.optimizer = args.optimizer
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
 

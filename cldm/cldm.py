@@ -115,6 +115,22 @@ class ControlNet(nn.Module):
         return residuals
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def adamw_8bit(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW8bit, with one-line errors where it cannot run (it is an optional, GPU-only extra)."""
+    devices = {p.device.type for p in params}
+    if devices != {"cuda"}:
+        raise ValueError(f"8-bit AdamW (bitsandbytes) runs on CUDA GPUs only, these parameters are on "
+                         f"{', '.join(sorted(devices))}: use the optimizer adamw")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError("8-bit AdamW needs bitsandbytes: pip install bitsandbytes (CUDA only)") from None
+    return bitsandbytes.optim.AdamW8bit(params, lr=lr)
+
+
 class ControlLDM(LatentDiffusion):
     """Stable Diffusion with a ControlNet: the Lightning module that trains and samples.
 
@@ -125,7 +141,8 @@ class ControlLDM(LatentDiffusion):
     """
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
-                 *args: Any, sd_locked: bool = True, learning_rate: float = 1e-5, **kwargs: Any) -> None:
+                 *args: Any, sd_locked: bool = True, learning_rate: float = 1e-5, optimizer: str = "adamw",
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.control_model: ControlNet = instantiate_from_config(control_stage_config)
         self.part_configs["control_model"] = control_stage_config
@@ -133,6 +150,7 @@ class ControlLDM(LatentDiffusion):
         self.only_mid_control = only_mid_control
         self.control_scales = [1.0] * self.control_model.num_residuals
         self.learning_rate = learning_rate
+        self.optimizer = optimizer
         self.sd_locked = sd_locked
 
     @property
@@ -161,8 +179,15 @@ class ControlLDM(LatentDiffusion):
         return params
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters: `optimizer` `adamw` (fused where the device has the kernel) or
+        `adamw8bit` (bitsandbytes, CUDA only: 2 bytes of state per parameter instead of 8, 2.6 GB less for an
+        SD1.5 ControlNet)."""
         self.materialize()
         params = self.trainable_parameters()
+        if self.optimizer == "adamw8bit":
+            return adamw_8bit(params, self.learning_rate)
+        if self.optimizer != "adamw":
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         # The fused kernel is one call for all tensors instead of a Python loop over each: 3.4 s -> 0.25 s
         # of a CPU SD1.5 step (docs/BENCHMARKS.md).
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)

@@ -181,6 +181,18 @@ def test_locked_sd_takes_no_gradient(tiny_model: Any) -> None:
     assert optimizer.param_groups[0]["lr"] == tiny_model.learning_rate
 
 
+def test_optimizer_choice(tiny_model: Any) -> None:
+    """Fused AdamW by default; 8-bit AdamW refuses a CPU model in one line instead of failing in bitsandbytes."""
+    assert tiny_model.configure_optimizers().defaults["fused"]
+    tiny_model.optimizer = "adamw8bit"
+    with pytest.raises(ValueError, match="CUDA GPUs only.*on cpu: use the optimizer adamw"):
+        tiny_model.configure_optimizers()
+    tiny_model.optimizer = "sgd"
+    with pytest.raises(ValueError, match="one of adamw, adamw8bit"):
+        tiny_model.configure_optimizers()
+    tiny_model.optimizer = "adamw"
+
+
 def test_unlocked_sd_trains_decoder_only(tiny_model: Any) -> None:
     tiny_model.sd_locked = False
     unet = tiny_model.model.diffusion_model
