@@ -43,6 +43,12 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module
 
 
+def standard_noise(x: torch.Tensor) -> torch.Tensor:
+    """Gaussian noise shaped like `x`, drawn in the standard layout (unlike `randn_like`, which follows `x`'s
+    memory format): a channels_last latent gets the same noise at each position as a contiguous one."""
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device)
+
+
 class LatentDiffusion(pl.LightningModule):
     """Stable Diffusion's diffusion process around a UNet, a first stage (VAE) and a text encoder.
 
@@ -142,8 +148,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Noise clean latents to step t: sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
-        if noise is None:  # drawn in the standard layout: a channels_last latent gets the same noise per position
-            noise = torch.randn(x_start.shape, dtype=x_start.dtype, device=x_start.device)
+        noise = standard_noise(x_start) if noise is None else noise
         return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
@@ -239,8 +244,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if noise is None:  # drawn in the standard layout: a channels_last latent gets the same noise per position
-            noise = torch.randn(x_start.shape, dtype=x_start.dtype, device=x_start.device)
+        noise = standard_noise(x_start) if noise is None else noise
         x_noisy = self.q_sample(x_start, t, noise)
         model_output = self.apply_model(x_noisy, t, cond)
         if self.parameterization == "eps":
