@@ -17,6 +17,7 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from cldm.cldm import OPTIMIZERS
 from cldm.logger import ImageLogger
 from cldm.model import CheckpointError, create_model, load_state_dict
 from cldm.training import AtomicCheckpointIO, ExactResume, LastCheckpoint, ResumableSampler, Throughput
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1 trains until stopped")
     p.add_argument("--learning_rate", type=float, default=1e-5)
-    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"],
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="adamw (fused where the device has it) or adamw8bit (bitsandbytes, CUDA only, less memory)")
     p.add_argument("--logger_freq", type=int, default=300, help="image grids every N steps")
     p.add_argument("--log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")

@@ -136,6 +136,7 @@ def model_fingerprint(model: Any, full: bool = False) -> str:
     return digest.hexdigest()
 
 
+# ----- the store -------------------------------------------------------------------------------------------
 def _shard_paths(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.glob("*" + SHARD_SUFFIX) if p.is_file())
 
