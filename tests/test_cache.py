@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 N_ITEMS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run the tiny model on one thread, restoring the setting afterwards.
-
-    Its ops take microseconds, so a second thread buys nothing, and on a shared 2-core machine OpenMP's
-    barrier waits for a descheduled thread on every op: a tiny training step measured 10 s with 2 threads
-    against 0.06 s with 1 while another process held a core.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

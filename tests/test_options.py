@@ -8,7 +8,6 @@ kernel), far beyond a unit test's budget; `benchmarks/README.md` says where comp
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +30,7 @@ REFERENCE = REPO.parent / "shared" / "reference" / "tiny_v15_unet_controlnet"
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Run the tiny model on one thread, restoring the setting afterwards.
-
-    Its ops take microseconds, so a second thread buys nothing, and on a shared 2-core machine OpenMP's
-    barrier waits for a descheduled thread on every op: a tiny training step measured 10 s with 2 threads
-    against 0.06 s with 1 while another process held a core.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize_zero_inits(module: nn.Module, seed: int) -> None:
