@@ -162,9 +162,9 @@ class ControlLDM(LatentDiffusion):
         self._sd_locked = locked
         self.set_trainable_parts()
 
-    def set_trainable_parts(self) -> None:
+    def freeze_parts(self) -> None:
         """Freeze the UNet (or all but its decoder) so that a locked SD never takes a gradient."""
-        super().set_trainable_parts()
+        super().freeze_parts()
         unet = self.model.diffusion_model
         unet.requires_grad_(False)
         if not self._sd_locked:
@@ -213,9 +213,10 @@ class ControlLDM(LatentDiffusion):
         self.materialize()
         context = torch.cat(cond["c_crossattn"], 1)
         hints = cond.get("c_concat")
-        control = None if hints is None else self.control_residuals(x_noisy, t, context, torch.cat(hints, 1))
-        return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=control,
-                                          only_mid_control=self.only_mid_control)
+        with self.frozen_autocast():
+            control = None if hints is None else self.control_residuals(x_noisy, t, context, torch.cat(hints, 1))
+            return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=control,
+                                              only_mid_control=self.only_mid_control).float()
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, n: int) -> torch.Tensor:

@@ -88,6 +88,27 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace: P
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
 
 
+def test_bf16_training_holds_frozen_weights_in_bf16_and_saves_them_exactly(workspace: Path) -> None:
+    """--precision bf16-mixed holds the locked SD in bf16 (auto); last.ckpt still has the fp32 SD weights."""
+    out = workspace / "bf16"
+    result = run_train(train_args(workspace, out, "--max_steps", "2", "--precision", "bf16-mixed"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held in bfloat16" in result.stderr + result.stdout
+    saved = torch.load(out / "last.ckpt", weights_only=True)["state_dict"]
+    initial = load_state_dict(workspace / "ini.ckpt")
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+    moved = [k for k in initial if not torch.equal(initial[k], saved[k])]
+    assert moved and all(k.startswith("control_model.") for k in moved)
+
+
+def test_half_frozen_weights_need_mixed_precision(workspace: Path, tmp_path: Path) -> None:
+    import tutorial_train
+
+    with pytest.raises(SystemExit) as err:
+        tutorial_train.main(train_args(workspace, tmp_path / "o", "--frozen_weights", "half"))
+    assert "--precision bf16-mixed" in str(err.value)
+
+
 def test_missing_initial_checkpoint_and_data_say_how_to_make_them(workspace: Path, tmp_path: Path) -> None:
     import tutorial_train
 

@@ -7,13 +7,15 @@ load unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
@@ -102,6 +104,10 @@ class LatentDiffusion(pl.LightningModule):
         self.part_configs = {"model.diffusion_model": unet_config, "first_stage_model": first_stage_config,
                              "cond_stage_model": cond_stage_config}
         self._uninitialized: set[str] = set()
+        #: dtype the frozen weights are held in on the device (None: as loaded); see `hold_frozen_weights_in`.
+        self.frozen_dtype: torch.dtype | None = None
+        #: Full-precision CPU copies of the frozen parameters while they are held in `frozen_dtype`.
+        self._frozen_masters: dict[str, torch.Tensor] = {}
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
 
@@ -180,7 +186,11 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         self.materialize()
-        return self.first_stage_model.encode(x)
+        with self.frozen_autocast():
+            posterior = self.first_stage_model.encode(x)
+        if isinstance(posterior, DiagonalGaussianDistribution) and posterior.parameters.dtype != torch.float32:
+            posterior = DiagonalGaussianDistribution(posterior.parameters.float(), posterior.deterministic)
+        return posterior
 
     def get_first_stage_encoding(self, encoder_posterior: Any, generator: torch.Generator | None = None
                                  ) -> torch.Tensor:
@@ -196,13 +206,16 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         self.materialize()
-        return self.first_stage_model.decode(z / self.scale_factor)
+        with self.frozen_autocast():
+            return self.first_stage_model.decode(z / self.scale_factor).float()
 
     def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
         self.materialize()
         encoder = self.cond_stage_model
-        out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
-        return out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
+        with self.frozen_autocast():
+            out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
+        out = out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
+        return out.float()
 
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **kwargs: Any
@@ -234,7 +247,8 @@ class LatentDiffusion(pl.LightningModule):
                     ) -> torch.Tensor:
         self.materialize()
         context = torch.cat(cond["c_crossattn"], 1) if isinstance(cond, Mapping) else cond
-        return self.model.diffusion_model(x_noisy, t, context=context)
+        with self.frozen_autocast():
+            return self.model.diffusion_model(x_noisy, t, context=context).float()
 
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-element loss (not reduced)."""
@@ -290,6 +304,47 @@ class LatentDiffusion(pl.LightningModule):
         _, logs = self.shared_step(batch)
         self.log_dict(logs, prog_bar=False, logger=True, on_step=False, on_epoch=True)
 
+    # ----- frozen weights in half precision ----------------------------------------------------------------
+    def hold_frozen_weights_in(self, dtype: torch.dtype | None) -> None:
+        """Hold every frozen parameter in `dtype` (None or float32: full precision again).
+
+        Why: under bf16 autocast each frozen weight is cast to bf16 on every use anyway, so holding it in
+        bf16 loses nothing there and halves the locked SD's memory (2.2 GB less on the GPU for SD1.5), as
+        diffusers' training scripts do. The full-precision values stay on the CPU: `state_dict()` returns
+        them, so a checkpoint keeps the exact SD weights it was trained from. While weights are held in
+        half precision, the parts run under autocast in that dtype wherever they are called (training step,
+        sampling, image logging) and return float32. Lightning's `setup` applies `frozen_dtype`.
+        """
+        self.materialize()
+        self.frozen_dtype = None if dtype in (None, torch.float32) else dtype
+        self._sync_frozen_dtype()
+        if self.frozen_dtype is not None:
+            held = sum(m.numel() for m in self._frozen_masters.values())
+            rank_zero_info(f"frozen weights: {held / 1e6:.1f}M parameters held in {str(self.frozen_dtype)[6:]} "
+                           f"({held * 2 / 1e9:.2f} GB less); checkpoints keep them at full precision")
+
+    def _sync_frozen_dtype(self) -> None:
+        """Cast frozen parameters to `frozen_dtype` and bring trainable ones back to full precision."""
+        for name, param in self.named_parameters():
+            master = self._frozen_masters.get(name)
+            if param.requires_grad or self.frozen_dtype is None:
+                if master is not None:
+                    param.data = master.to(param.device)
+                    del self._frozen_masters[name]
+            elif param.is_floating_point() and param.dtype != self.frozen_dtype:
+                if master is None:
+                    self._frozen_masters[name] = param.detach().to("cpu", copy=True)
+                param.data = param.data.to(self.frozen_dtype)
+
+    def frozen_autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast in `frozen_dtype` while frozen weights are held in it; else nothing."""
+        if not self._frozen_masters:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.frozen_dtype)
+
+    def _masters_with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((prefix + name, master) for name, master in self._frozen_masters.items())
+
     # ----- loading and deferred initialisation ------------------------------------------------------------
     @classmethod
     def build_deferred(cls, **params: Any) -> LatentDiffusion:
@@ -325,16 +380,28 @@ class LatentDiffusion(pl.LightningModule):
         self.set_trainable_parts()
 
     def set_trainable_parts(self) -> None:
+        """Freeze what must not train, and keep frozen weights (only those) in `frozen_dtype`."""
+        self.freeze_parts()
+        self._sync_frozen_dtype()
+
+    def freeze_parts(self) -> None:
         """The VAE and the text encoder never train."""
         _frozen(self.first_stage_model)
         _frozen(self.cond_stage_model)
 
     def setup(self, stage: str) -> None:
         self.materialize()
+        if stage == "fit" and self.frozen_dtype is not None:
+            self.hold_frozen_weights_in(self.frozen_dtype)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """The weights, frozen ones at full precision even while held in `frozen_dtype`."""
         self.materialize()
-        return super().state_dict(*args, **kwargs)
+        state = super().state_dict(*args, **kwargs)
+        for key, master in self._masters_with_prefix(kwargs.get("prefix", "")):
+            if key in state:
+                state[key] = master
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a checkpoint's weights; explain an architecture mismatch in one line.
@@ -352,6 +419,8 @@ class LatentDiffusion(pl.LightningModule):
         if self._uninitialized:
             self._uninitialized -= state_dict.keys()
             self.materialize()
+        for name in self._frozen_masters.keys() & state_dict.keys():
+            self._frozen_masters[name] = state_dict[name].detach().to("cpu", torch.float32, copy=True)
         return result
 
 
