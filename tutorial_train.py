@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = model_fingerprint(model)
         print(build_cache(model, dataset, args.cache, fingerprint=fingerprint))
         dataset = CachedDataset(dataset, args.cache, fingerprint)
+        model.encoders_device = "cpu"  # no GPU memory for encoders that only image logging still uses
     sampler = ResumableSampler(len(dataset), seed=args.seed)
     dataloader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                             persistent_workers=args.num_workers > 0, pin_memory=torch.cuda.is_available())

@@ -108,6 +108,9 @@ class LatentDiffusion(pl.LightningModule):
         self.frozen_dtype: torch.dtype | None = None
         #: Full-precision CPU copies of the frozen parameters while they are held in `frozen_dtype`.
         self._frozen_masters: dict[str, torch.Tensor] = {}
+        #: Where the VAE encoder and the text encoder stay while fitting (None: with the model). Training from
+        #: a cache sets "cpu": they then only encode the odd prompt for image logging and need no GPU memory.
+        self.encoders_device: str | None = None
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
 
@@ -186,11 +189,13 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
         self.materialize()
-        with self.frozen_autocast():
-            posterior = self.first_stage_model.encode(x)
-        if isinstance(posterior, DiagonalGaussianDistribution) and posterior.parameters.dtype != torch.float32:
-            posterior = DiagonalGaussianDistribution(posterior.parameters.float(), posterior.deterministic)
-        return posterior
+        device = _device_of(self.first_stage_model, self.device)
+        with self.frozen_autocast(device.type):
+            posterior = self.first_stage_model.encode(x.to(device))
+        if isinstance(posterior, DiagonalGaussianDistribution):
+            return DiagonalGaussianDistribution(posterior.parameters.to(self.device, torch.float32),
+                                                posterior.deterministic)
+        return posterior.to(self.device)
 
     def get_first_stage_encoding(self, encoder_posterior: Any, generator: torch.Generator | None = None
                                  ) -> torch.Tensor:
@@ -212,10 +217,10 @@ class LatentDiffusion(pl.LightningModule):
     def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
         self.materialize()
         encoder = self.cond_stage_model
-        with self.frozen_autocast():
+        with self.frozen_autocast(_device_of(encoder, self.device).type):
             out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
         out = out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
-        return out.float()
+        return out.to(self.device, torch.float32)
 
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **kwargs: Any
@@ -336,11 +341,23 @@ class LatentDiffusion(pl.LightningModule):
                     self._frozen_masters[name] = param.detach().to("cpu", copy=True)
                 param.data = param.data.to(self.frozen_dtype)
 
-    def frozen_autocast(self) -> contextlib.AbstractContextManager[Any]:
+    def frozen_autocast(self, device_type: str | None = None) -> contextlib.AbstractContextManager[Any]:
         """Autocast in `frozen_dtype` while frozen weights are held in it; else nothing."""
         if not self._frozen_masters:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.frozen_dtype)
+        return torch.autocast(device_type or self.device.type, dtype=self.frozen_dtype)
+
+    def on_fit_start(self) -> None:
+        if self.encoders_device is not None:
+            self.place_encoders(self.encoders_device)
+
+    def place_encoders(self, device: str | torch.device) -> None:
+        """Move the text encoder and the VAE's encoding half (not its decoder, which image logging needs at
+        speed) to `device`; encoding then runs there and its results come back to the model's device."""
+        vae = self.first_stage_model
+        for part in (self.cond_stage_model, getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)):
+            if part is not None:
+                part.to(device)
 
     def _masters_with_prefix(self, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         return ((prefix + name, master) for name, master in self._frozen_masters.items())
@@ -422,6 +439,12 @@ class LatentDiffusion(pl.LightningModule):
         for name in self._frozen_masters.keys() & state_dict.keys():
             self._frozen_masters[name] = state_dict[name].detach().to("cpu", torch.float32, copy=True)
         return result
+
+
+def _device_of(module: nn.Module, default: torch.device) -> torch.device:
+    """The device of a module's first parameter (where its encoding runs)."""
+    first = next(module.parameters(), None)
+    return default if first is None else first.device
 
 
 def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
