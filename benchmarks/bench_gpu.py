@@ -84,7 +84,8 @@ def make_batch(batch: int, size: int, cached: bool, seed: int = 0) -> dict[str, 
 
 
 # ----- ours --------------------------------------------------------------------------------------------------
-def build_ours(checkpointing: bool, optimizer: str, cached: bool) -> Step:
+def build_ours(checkpointing: bool, optimizer: str, cached: bool, channels_last: bool = False,
+               compile_nets: bool = False) -> Step:
     from cldm.model import create_model
 
     model = create_model(CONFIG).to(DEVICE)
@@ -96,6 +97,11 @@ def build_ours(checkpointing: bool, optimizer: str, cached: bool) -> Step:
     model.hold_frozen_weights_in(torch.bfloat16)
     if cached:
         model.place_encoders("cpu")
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_nets:  # inductor over the two networks that run every step
+        model.model.diffusion_model.compile()
+        model.control_model.compile()
     model.train()
     model.optimizer = optimizer
     opt = model.configure_optimizers()
@@ -113,7 +119,8 @@ def build_ours(checkpointing: bool, optimizer: str, cached: bool) -> Step:
 
 
 # ----- diffusers (examples/controlnet/train_controlnet.py, --mixed_precision bf16) ----------------------------
-def build_diffusers(checkpointing: bool, optimizer: str, cached: bool) -> Step:
+def build_diffusers(checkpointing: bool, optimizer: str, cached: bool, channels_last: bool = False,
+                    compile_nets: bool = False) -> Step:
     from benchmarks import diffusers_sd
 
     with torch.device(DEVICE):
@@ -125,6 +132,11 @@ def build_diffusers(checkpointing: bool, optimizer: str, cached: bool) -> Step:
     if cached:
         parts.vae.encoder.to("cpu")
         parts.text_encoder.to("cpu")
+    if channels_last:
+        parts.to_channels_last()
+    if compile_nets:
+        parts.unet.compile()
+        parts.controlnet.compile()
     parts.controlnet.train()
     if checkpointing:
         parts.controlnet.enable_gradient_checkpointing()
@@ -187,12 +199,13 @@ def timed_steps(step: Step, batch: dict[str, Any], warmup: int, steps: int) -> l
 
 def train_child(args: argparse.Namespace) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    step = BUILDERS[args.impl](args.checkpointing, args.optimizer, args.cached)
+    step = BUILDERS[args.impl](args.checkpointing, args.optimizer, args.cached, args.channels_last, args.compile)
     weights_gib = torch.cuda.memory_allocated() / GiB if DEVICE == "cuda" else float("nan")
     reset_peak()
     result: dict[str, Any] = {"impl": args.impl, "batch": args.batch, "size": args.size,
                               "checkpointing": args.checkpointing, "optimizer": args.optimizer,
-                              "cached": args.cached, "weights_gib": weights_gib}
+                              "cached": args.cached, "channels_last": args.channels_last,
+                              "compile": args.compile, "weights_gib": weights_gib}
     if args.max_batch:
         result["max_batch"] = largest_batch(step, args)
         emit_result(result)
@@ -202,6 +215,8 @@ def train_child(args: argparse.Namespace) -> None:
     result["peak_gib"] = peak_gib()
     result["s_per_step"] = statistics.median(times)
     result["samples_per_s"] = args.batch / result["s_per_step"]
+    if args.profile:
+        write_profile(step, batch, Path(args.profile))
     if args.flops:
         counter = FlopCounterMode(display=False)
         with counter:
@@ -209,6 +224,15 @@ def train_child(args: argparse.Namespace) -> None:
         result["tflop_per_step"] = counter.get_total_flops() / 1e12
         result["achieved_tflops"] = result["tflop_per_step"] / result["s_per_step"]
     emit_result(result)
+
+
+def write_profile(step: Step, batch: dict[str, Any], path: Path) -> None:
+    """torch.profiler's table of one step's CUDA kernels, by total GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(batch).item()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
 
 
 def largest_batch(step: Step, args: argparse.Namespace) -> dict[str, Any]:
@@ -308,6 +332,14 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                                                "--checkpointing", "--max_batch", "8", "16", "32", "48", "64",
                                                "96", "128"]))
     for impl in ("ours", "diffusers"):
+        runs.append((f"train {impl} adamw b16", ["--child", "train", "--impl", impl, "--batch", "16", "--size", size,
+                                                 "--flops", "--steps", "6"]))
+        for option in ("--channels_last", "--compile"):
+            runs.append((f"train {impl} adamw b{b} {option[2:]}",
+                         ["--child", "train", "--impl", impl, "--batch", b, "--size", size, "--flops", option]))
+    runs.append(("profile ours b4", ["--child", "train", "--impl", "ours", "--batch", b, "--size", size,
+                                     "--steps", "3", "--profile", str(Path(args.out or ".").parent / "profile.txt")]))
+    for impl in ("ours", "diffusers"):
         runs.append((f"generate {impl}", ["--child", "generate", "--impl", impl, "--size", size]))
     return [r for r in runs if not args.only or any(word in r[0] for word in args.only)]
 
@@ -344,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--cached", action="store_true", help="train from cached latents/text, encoders on the CPU")
     p.add_argument("--flops", action="store_true")
+    p.add_argument("--channels_last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the ControlNet")
+    p.add_argument("--profile", help="child: write a torch.profiler table of one step here")
     p.add_argument("--max_batch", type=int, nargs="*", default=None)
     p.add_argument("--only", nargs="*", help="parent: run only plans whose name contains one of these words")
     p.add_argument("--out", help="parent: write results as JSON here")
