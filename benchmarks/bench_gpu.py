@@ -271,15 +271,14 @@ def generate_child(args: argparse.Namespace) -> None:
         model.eval()
 
         @torch.no_grad()
-        def generate() -> torch.Tensor:
-            with torch.autocast(DEVICE, dtype=dtype):
-                context = model.get_learned_conditioning([PROMPT, ""])
-                cond = {"c_concat": [hint], "c_crossattn": [context[:1]]}
-                uncond = {"c_concat": [hint], "c_crossattn": [context[1:]]}
-                samples, _ = DDIMSampler(model).sample(args.steps, 1, x_t.shape[1:], cond, eta=0.0, verbose=False,
-                                                       x_T=x_t, unconditional_guidance_scale=9.0,
-                                                       unconditional_conditioning=uncond)
-                return model.decode_first_stage(samples)
+        def generate() -> torch.Tensor:  # no autocast: the networks take their inputs in their own dtype
+            context = model.get_learned_conditioning([PROMPT, ""])
+            cond = {"c_concat": [hint], "c_crossattn": [context[:1]]}
+            uncond = {"c_concat": [hint], "c_crossattn": [context[1:]]}
+            samples, _ = DDIMSampler(model).sample(args.steps, 1, x_t.shape[1:], cond, eta=0.0, verbose=False,
+                                                   x_T=x_t, unconditional_guidance_scale=9.0,
+                                                   unconditional_conditioning=uncond)
+            return model.decode_first_stage(samples)
     else:
         from diffusers import StableDiffusionControlNetPipeline
 
@@ -310,6 +309,14 @@ def generate_child(args: argparse.Namespace) -> None:
         synchronize()
         times.append(time.perf_counter() - start)
     assert torch.isfinite(image.float()).all()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            generate()
+            synchronize()
+        Path(args.profile).write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40,
+                                                                max_name_column_width=70))
     emit_result({"impl": args.impl, "size": args.size, "steps": args.steps, "s_per_image": statistics.median(times),
                  "peak_gib": peak_gib()})
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.ddpm import LatentDiffusion, as_input_for
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
 from ldm.util import instantiate_from_config, log_txt_as_img
@@ -213,10 +213,13 @@ class ControlLDM(LatentDiffusion):
         self.materialize()
         context = torch.cat(cond["c_crossattn"], 1)
         hints = cond.get("c_concat")
+        unet = self.model.diffusion_model
         with self.frozen_autocast():
-            control = None if hints is None else self.control_residuals(x_noisy, t, context, torch.cat(hints, 1))
-            return self.model.diffusion_model(x=x_noisy, timesteps=t, context=context, control=control,
-                                              only_mid_control=self.only_mid_control).float()
+            control = None if hints is None else self.control_residuals(
+                as_input_for(self.control_model, x_noisy), t, as_input_for(self.control_model, context),
+                as_input_for(self.control_model, torch.cat(hints, 1)))
+            return unet(x=as_input_for(unet, x_noisy), timesteps=t, context=as_input_for(unet, context),
+                        control=control, only_mid_control=self.only_mid_control).float()
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, n: int) -> torch.Tensor:

@@ -191,7 +191,7 @@ class LatentDiffusion(pl.LightningModule):
         self.materialize()
         device = _device_of(self.first_stage_model, self.device)
         with self.frozen_autocast(device.type):
-            posterior = self.first_stage_model.encode(x.to(device))
+            posterior = self.first_stage_model.encode(as_input_for(self.first_stage_model, x.to(device)))
         if isinstance(posterior, DiagonalGaussianDistribution):
             return DiagonalGaussianDistribution(posterior.parameters.to(self.device, torch.float32),
                                                 posterior.deterministic)
@@ -212,7 +212,7 @@ class LatentDiffusion(pl.LightningModule):
     def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         self.materialize()
         with self.frozen_autocast():
-            return self.first_stage_model.decode(z / self.scale_factor).float()
+            return self.first_stage_model.decode(as_input_for(self.first_stage_model, z / self.scale_factor)).float()
 
     def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
         self.materialize()
@@ -252,8 +252,9 @@ class LatentDiffusion(pl.LightningModule):
                     ) -> torch.Tensor:
         self.materialize()
         context = torch.cat(cond["c_crossattn"], 1) if isinstance(cond, Mapping) else cond
+        unet = self.model.diffusion_model
         with self.frozen_autocast():
-            return self.model.diffusion_model(x_noisy, t, context=context).float()
+            return unet(as_input_for(unet, x_noisy), t, context=as_input_for(unet, context)).float()
 
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-element loss (not reduced)."""
@@ -439,6 +440,15 @@ class LatentDiffusion(pl.LightningModule):
         for name in self._frozen_masters.keys() & state_dict.keys():
             self._frozen_masters[name] = state_dict[name].detach().to("cpu", torch.float32, copy=True)
         return result
+
+
+def as_input_for(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype of `module`'s weights, so that a network held in half precision runs without autocast
+    (whose per-op casts cost time at inference); under autocast `x` is returned as it is."""
+    if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+        return x
+    first = next(module.parameters(), None)
+    return x if first is None or first.dtype == x.dtype else x.to(first.dtype)
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:
