@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(2.2 GB less for SD1.5; checkpoints still hold them at full precision); auto = half "
                         "with bf16-mixed, full otherwise")
     p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and ControlNet (GPU: ~1.3x faster steps after a minute or two "
+                        "of compiling; on a CPU compiling takes many minutes)")
     p.add_argument("--devices", default="1", help="number of devices, or a list like 0,1")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--strategy", default="auto", help="e.g. ddp, fsdp, deepspeed_stage_2 (see docs/train.md)")
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
     model.frozen_dtype = frozen_dtype(args.frozen_weights, args.precision)
+    if args.compile:
+        model.compile_networks()
 
     # Misc
     dataset = MyDataset(root=args.data, skip_bad=args.skip_bad, drop_prompt=args.drop_prompt, seed=args.seed,
