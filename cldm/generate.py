@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--base", help="Stable Diffusion checkpoint for a control-only --ckpt")
     models.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     models.add_argument("--annotator_dir", help="annotator weights folder (default models/annotators)")
+    models.add_argument("--half", action=flag,
+                        help="networks in float16 on a GPU (bfloat16 on a CPU, which this does not speed up): "
+                             "half the weights' memory (not faster at batch 1 on an H100: launch-bound)")
     run = p.add_argument_group("generation")
     run.add_argument("--prompt")
     run.add_argument("--negative_prompt")
@@ -215,13 +218,15 @@ def generate(args: argparse.Namespace) -> list[Path]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     annotator_dir = _pick(args, record, "annotator_dir")
+    half = bool(_pick(args, record, "half"))
+    dtype = (torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16) if half else torch.float32
     pipeline = ControlNetPipeline.from_checkpoints(config, ckpt, base, extra_controls, device=device,
-                                                   annotator_dir=annotator_dir)
+                                                   annotator_dir=annotator_dir, dtype=dtype)
     result = pipeline(prompt, units, progress=True, **run)
 
     settings = dict(result.settings)
     models = settings.pop("models")
-    base_record = {"version": RECORD_VERSION, **settings, **models, "annotator_dir": annotator_dir}
+    base_record = {"version": RECORD_VERSION, **settings, **models, "annotator_dir": annotator_dir, "half": half}
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
     for i, image in enumerate(result.images):

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from cldm.cldm import guess_mode_scales
+from ldm.models.diffusion.ddpm import as_input_for
 from ldm.models.diffusion.guidance import combine_guidance
 
 ControlMode = Literal["balanced", "prompt", "controlnet"]
@@ -140,9 +141,11 @@ class ControlledUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: torch.Tensor,
                  progress: float) -> torch.Tensor:
+        sampler_dtype = x.dtype
+        x, context = as_input_for(self.unet, x), as_input_for(self.unet, context)  # half-precision networks
         control = self.residuals(x, t, context, conditional, progress)
         extra: dict[str, Any] = {"only_mid_control": True} if self.only_mid_control and control else {}
-        return self.unet(x, timesteps=t, context=context, control=control, **extra)
+        return self.unet(x, timesteps=t, context=context, control=control, **extra).to(sampler_dtype)
 
 
 class ControlledCFG:

@@ -65,3 +65,21 @@ def test_low_memory_recipe_trains_through_tutorial_train(workspace: Path) -> Non
     assert "held in bfloat16" in result.stderr + result.stdout
     saved = torch.load(out / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 3
+
+
+def test_generation_pipeline_in_fp16_matches_fp32(tiny_state: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from cldm.generation import ControlNetPipeline, ControlUnit
+
+    image = tmp_path / "hint.png"
+    Image.fromarray((np.indices((64, 64)).sum(0) % 16 < 8).astype(np.uint8) * 255).convert("RGB").save(image)
+    images = {}
+    for dtype in (torch.float32, torch.float16):
+        model = build_tiny()
+        model.load_state_dict(tiny_state)
+        pipe = ControlNetPipeline(model, device="cuda", dtype=dtype)
+        result = pipe("a red ball", [ControlUnit(image)], width=64, height=64, steps=4, seed=3, progress=False)
+        images[dtype] = np.asarray(result.images[0]).astype(float)
+    assert np.abs(images[torch.float16] - images[torch.float32]).mean() < 2.0

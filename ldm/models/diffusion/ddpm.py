@@ -445,7 +445,7 @@ class LatentDiffusion(pl.LightningModule):
 def as_input_for(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`x` in the dtype of `module`'s weights, so that a network held in half precision runs without autocast
     (whose per-op casts cost time at inference); under autocast `x` is returned as it is."""
-    if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type):
+    if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type) or not isinstance(module, nn.Module):
         return x
     first = next(module.parameters(), None)
     return x if first is None or first.dtype == x.dtype else x.to(first.dtype)
