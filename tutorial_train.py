@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="32", choices=["32", "16-mixed", "bf16-mixed"])
     p.add_argument("--frozen_weights", default="auto", choices=["auto", "full", "half"],
                    help="precision of the frozen SD weights on the device: half = the mixed precision's dtype "
-                        "(2.2 GB less for SD1.5; checkpoints still hold them at full precision); auto = half "
+                        "(2.1 GB less for SD1.5; checkpoints still hold them at full precision); auto = half "
                         "with bf16-mixed, full otherwise")
     p.add_argument("--accumulate_grad_batches", type=int, default=1)
     p.add_argument("--compile", action="store_true",

@@ -246,7 +246,7 @@ class ControlNetPipeline:
         self.annotator_dir = annotator_dir
         self.sources = dict(sources or {})
         self._preprocessors: dict[str, Preprocessor] = {}
-        #: The networks' dtype: float16 halves a GPU's memory and time; the sampler's arithmetic stays float32.
+        #: The networks' dtype (float16 halves their memory); the sampler's arithmetic stays float32.
         self.dtype = dtype
         for part in self._all_parts():
             part.to(dtype)
