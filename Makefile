@@ -9,8 +9,9 @@ PYTEST_ARGS ?=
 
 ENV_STAMP := $(VENV)/.installed
 
-# Re-run when a requirements file changes or an earlier install stopped half-way.
-$(ENV_STAMP): requirements.txt requirements-files.txt
+# Re-run when the dependencies change or an earlier install stopped half-way. requirements.txt installs the
+# project itself, editable (`pip install -e .[test]`), so its packages and commands work from any folder.
+$(ENV_STAMP): pyproject.toml requirements.txt requirements-files.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -r requirements.txt
 	$(VENV)/bin/pip install --no-deps -r requirements-files.txt

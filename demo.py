@@ -9,7 +9,7 @@ Each stage runs the repository's own command line in a subprocess, exactly as a 
 4. `tutorial_train.py --fidelity_every N`: trains the ControlNet (SD locked) and scores held-out hints every N
    steps, beside the no-control baseline: `fidelity.csv`, `fidelity.png` (the "sudden convergence"),
    image grids.
-5. `python -m cldm.fidelity`: the final IoU on fresh held-out hints, with the baseline beside it.
+5. `python -m training.fidelity`: the final IoU on fresh held-out hints, with the baseline beside it.
 
     python demo.py                     # or: make demo
     python demo.py --quick             # a smoke run of the same pipeline in about a minute (no quality)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, args.quick)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(args.threads or os.environ.get("OMP_NUM_THREADS") or min(os.cpu_count() or 1, 4))
     s, out = settings, args.out
     base = args.base or (out / "base.ckpt" if args.quick else Path("models/base_fill50k.ckpt"))
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fidelity_every", str(s.fidelity_every), "--fidelity_n", str(s.fidelity_n),
         "--fidelity_kind", "fill50k", "--log_guidance_scale", str(s.eval_guidance_scale)], env)
     timings["evaluate"] = run("evaluate", [
-        "-m", "cldm.fidelity", "--config", str(args.config), "--ckpt", str(out / "last.ckpt"),
+        "-m", "training.fidelity", "--config", str(args.config), "--ckpt", str(out / "last.ckpt"),
         "--n", str(s.eval_n), "--seed", str(s.eval_seed), "--ddim_steps", str(s.eval_ddim_steps),
         "--guidance_scale", str(s.eval_guidance_scale), "--grid", str(out / "heldout.png")], env)
 

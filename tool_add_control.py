@@ -14,6 +14,7 @@ model does not use (EMA copies, optimizer state) are left out.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,24 +22,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from cldm.checkpoint_io import (
-    CONTROL_ONLY_PARTS,
+from cldm.checkpoint import (
     CONTROL_PREFIX,
     UNET_PREFIX,
-    advice_for_width,
+    CheckpointError,
+    check_fits,
+    check_is_sd,
     check_output_path,
     config_for_unet,
-    describe_family,
-    family_mismatch,
     key_groups,
+    load_state_dict,
     save_state_dict,
-    shape_mismatches,
 )
-from cldm.model import CheckpointError, create_model, load_state_dict
-from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, CheckpointMismatchError
+from cldm.model import create_model
+from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 
 #: Failures that are the user's input, reported as one line by `main`.
-USER_ERRORS = (CheckpointError, CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def add_control(input_path: str | Path, output_path: str | Path, config_path: str | Path | None = None,
@@ -53,11 +53,12 @@ def add_control(input_path: str | Path, output_path: str | Path, config_path: st
     """
     out = check_output_path(output_path)
     sd = load_state_dict(input_path)
-    _check_is_sd(sd, input_path)
+    check_is_sd(sd, input_path)
     config = str(config_path) if config_path is not None else config_for_unet(sd, UNET_PREFIX, str(input_path))
     model = create_model(config)
     expected = nn.Module.state_dict(model)  # names and shapes only: the deferred model is not initialised
-    _check_fits(sd, expected, str(input_path), config)
+    sd_keys = [k for k in expected if not k.startswith(CONTROL_PREFIX) and k not in SCHEDULE_BUFFERS]
+    check_fits(sd, expected, str(input_path), config, sd_keys)
     weights, copied, new = _plan(sd, expected)
     from_input = len(weights) - len(copied)
     ignored = [k for k in sd if k not in expected]
@@ -75,34 +76,6 @@ def add_control(input_path: str | Path, output_path: str | Path, config_path: st
         "schedule_from_config": len(expected) - from_input - len(copied) - len(new),
         "ignored": len(ignored), "ignored_groups": key_groups(ignored),
     }
-
-
-def _check_is_sd(sd: Mapping[str, torch.Tensor], label: str | Path) -> None:
-    if any(k.startswith((CONTROL_PREFIX, *CONTROL_ONLY_PARTS)) for k in sd):
-        raise CheckpointError(f"{label}: already has ControlNet weights: it is already a ControlNet "
-                              "checkpoint (give a plain Stable Diffusion checkpoint)")
-    if not any(k.startswith(UNET_PREFIX) for k in sd):
-        raise CheckpointError(f"{label}: has no model.diffusion_model.* weights: not a Stable Diffusion "
-                              "checkpoint in the original layout")
-
-
-def _check_fits(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str,
-                config: str) -> None:
-    """Refuse an input whose SD parts the config cannot hold, naming the config that would."""
-    widths = family_mismatch(sd, UNET_PREFIX, expected, UNET_PREFIX)
-    if widths is not None:
-        have, want = widths
-        raise CheckpointMismatchError(f"{label}: is {describe_family(have)} but {config} builds text width "
-                                      f"{want}: {advice_for_width(have)}")
-    sd_keys = [k for k in expected if not k.startswith(CONTROL_PREFIX)]
-    wrong = shape_mismatches(sd, expected, sd_keys)
-    if wrong:
-        raise CheckpointMismatchError(f"{label}: {len(wrong)} weights do not fit {config} (e.g. {wrong[0]})")
-    missing = [k for k in sd_keys if k not in sd and k not in SCHEDULE_BUFFERS]
-    if missing:
-        parts = ", ".join(key_groups(missing))
-        raise CheckpointMismatchError(f"{label}: lacks {len(missing)} weights that {config} needs ({parts}; "
-                                      f"e.g. {missing[0]})")
 
 
 def _plan(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
@@ -132,7 +105,7 @@ def _plan(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
     return weights, copied, new
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Make a ControlNet training checkpoint from a Stable Diffusion "
                                                  "checkpoint: the ControlNet starts as a copy of the UNet encoder.")
     parser.add_argument("input", help="Stable Diffusion checkpoint (.ckpt, .pth or .safetensors)")
@@ -147,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
     _print_report(report)
-    return report
+    return 0
 
 
 def _print_report(report: Mapping[str, Any]) -> None:
@@ -165,4 +138,4 @@ def _print_report(report: Mapping[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -27,6 +27,7 @@ CONTROL may be a full ControlLDM checkpoint or a control-only file (ControlNet 1
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,23 +35,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from cldm.checkpoint_io import (
-    CONTROL_ONLY_PARTS,
+from cldm.checkpoint import (
     CONTROL_PREFIX,
     UNET_PREFIX,
-    advice_for_width,
+    CheckpointError,
+    CheckpointMismatchError,
+    check_control_fits,
+    check_fits,
     check_output_path,
     config_for_unet,
+    context_dim_of,
+    control_weights,
     describe_family,
-    family_mismatch,
+    has_unet,
     key_groups,
+    load_state_dict,
     save_state_dict,
-    shape_mismatches,
 )
-from cldm.model import CheckpointError, create_model, load_state_dict
-from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS, CheckpointMismatchError
+from cldm.model import create_model
+from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
 
-USER_ERRORS = (CheckpointError, CheckpointMismatchError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def transfer_control(base: str | Path, control: str | Path, target: str | Path, out: str | Path,
@@ -65,13 +70,15 @@ def transfer_control(base: str | Path, control: str | Path, target: str | Path, 
     target_sd = _load_sd(target, "TARGET")
     _check_same_family(base_sd, target_sd, base, target)
     control_sd = load_state_dict(control)
-    ctrl = _control_weights(control_sd, control)
+    ctrl = control_weights(control_sd, f"{control}: CONTROL")
     _check_control_family(ctrl, base_sd, control, base)
     config = str(config_path) if config_path is not None else config_for_unet(base_sd, UNET_PREFIX, str(base))
-    expected = _expected_weights(config)
-    _check_fits(base_sd, expected, str(base), config, parts=(UNET_PREFIX,))
-    _check_fits(target_sd, expected, str(target), config, parts=("",))
-    _check_control_fits(ctrl, expected, str(control), config)
+    expected = dict(nn.Module.state_dict(create_model(config)))  # names, shapes and the computed schedule
+    sd_keys = [k for k in expected if not k.startswith(CONTROL_PREFIX) and k not in SCHEDULE_BUFFERS]
+    check_fits(base_sd, expected, str(base), config, [k for k in sd_keys if k.startswith(UNET_PREFIX)])
+    check_fits(target_sd, expected, str(target), config, sd_keys)
+    expected_control = {k[len(CONTROL_PREFIX):]: v for k, v in expected.items() if k.startswith(CONTROL_PREFIX)}
+    check_control_fits(ctrl, expected_control, f"{control}: CONTROL", config)
     differs = _unet_differences(control_sd, base_sd)
     schedule = {k: v for k, v in control_sd.items() if k in SCHEDULE_BUFFERS}
     del control_sd  # only its ControlNet weights (`ctrl`) and schedule are needed: free the rest now
@@ -93,7 +100,7 @@ def _load_sd(path: str | Path, role: str) -> dict[str, torch.Tensor]:
     sd = load_state_dict(path)
     if role == "BASE":
         sd = {k: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-    if not any(k.startswith(UNET_PREFIX) for k in sd):
+    if not has_unet(sd):
         raise CheckpointError(f"{path}: {role} has no model.diffusion_model.* weights: not a Stable Diffusion "
                               "checkpoint in the original layout")
     return sd
@@ -106,10 +113,10 @@ def _unet(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Size]:
 def _check_same_family(base_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str, torch.Tensor],
                        base: str | Path, target: str | Path) -> None:
     """The offset `target - base` only means something between two versions of one architecture."""
-    widths = family_mismatch(target_sd, UNET_PREFIX, base_sd, UNET_PREFIX)
-    if widths is not None:
-        raise CheckpointMismatchError(f"{target}: TARGET is {describe_family(widths[0])} but BASE {base} is "
-                                      f"{describe_family(widths[1])}: they must be the same family")
+    have, want = context_dim_of(target_sd, UNET_PREFIX), context_dim_of(base_sd, UNET_PREFIX)
+    if have != want:
+        raise CheckpointMismatchError(f"{target}: TARGET is {describe_family(have)} but BASE {base} is "
+                                      f"{describe_family(want)}: they must be the same family")
     base_unet, target_unet = _unet(base_sd), _unet(target_sd)
     if base_unet != target_unet:
         only = sorted(base_unet.keys() ^ target_unet.keys())
@@ -120,61 +127,13 @@ def _check_same_family(base_sd: Mapping[str, torch.Tensor], target_sd: Mapping[s
                                       f"(e.g. {example}): they must be the same family")
 
 
-def _control_weights(control_sd: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
-    """CONTROL's ControlNet weights under their names inside the ControlNet (no `control_model.` prefix)."""
-    prefixed = {k[len(CONTROL_PREFIX):]: v for k, v in control_sd.items() if k.startswith(CONTROL_PREFIX)}
-    if prefixed:
-        return prefixed
-    if any(k.startswith(CONTROL_ONLY_PARTS) for k in control_sd):
-        return dict(control_sd)
-    what = "a plain Stable Diffusion checkpoint" if any(k.startswith(UNET_PREFIX) for k in control_sd) else \
-        "no ControlNet weights"
-    raise CheckpointError(f"{path}: CONTROL holds {what} (no control_model.*, input_hint_block.* or "
-                          "zero_convs.* keys)")
-
-
 def _check_control_family(ctrl: Mapping[str, torch.Tensor], base_sd: Mapping[str, torch.Tensor],
                           control: str | Path, base: str | Path) -> None:
-    widths = family_mismatch(ctrl, "", base_sd, UNET_PREFIX)
-    if widths is not None:
-        raise CheckpointMismatchError(f"{control}: CONTROL is a ControlNet for {describe_family(widths[0])} "
-                                      f"but BASE {base} is {describe_family(widths[1])}: give the BASE it "
+    have, want = context_dim_of(ctrl, ""), context_dim_of(base_sd, UNET_PREFIX)
+    if have is not None and want is not None and have != want:
+        raise CheckpointMismatchError(f"{control}: CONTROL is a ControlNet for {describe_family(have)} "
+                                      f"but BASE {base} is {describe_family(want)}: give the BASE it "
                                       "was trained from")
-
-
-def _expected_weights(config: str) -> dict[str, torch.Tensor]:
-    """Names and shapes the config's ControlLDM has, and its schedule buffers (computed, not random)."""
-    return dict(nn.Module.state_dict(create_model(config)))
-
-
-def _check_fits(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str, config: str,
-                parts: tuple[str, ...]) -> None:
-    """Every non-ControlNet weight of the config under `parts` must be in `sd`, with its shape."""
-    widths = family_mismatch(sd, UNET_PREFIX, expected, UNET_PREFIX)
-    if widths is not None:
-        raise CheckpointMismatchError(f"{label}: is {describe_family(widths[0])} but {config} builds text width "
-                                      f"{widths[1]}: {advice_for_width(widths[0])}")
-    keys = [k for k in expected if k.startswith(parts) and not k.startswith(CONTROL_PREFIX)
-            and k not in SCHEDULE_BUFFERS]
-    wrong = shape_mismatches(sd, expected, keys)
-    if wrong:
-        raise CheckpointMismatchError(f"{label}: {len(wrong)} weights do not fit {config} (e.g. {wrong[0]})")
-    missing = [k for k in keys if k not in sd]
-    if missing:
-        raise CheckpointMismatchError(f"{label}: lacks {len(missing)} weights that {config} needs "
-                                      f"({', '.join(key_groups(missing))}; e.g. {missing[0]})")
-
-
-def _check_control_fits(ctrl: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str,
-                        config: str) -> None:
-    want = {k[len(CONTROL_PREFIX):]: v for k, v in expected.items() if k.startswith(CONTROL_PREFIX)}
-    missing = [k for k in want if k not in ctrl]
-    extra = [k for k in ctrl if k not in want]
-    wrong = shape_mismatches(ctrl, want, want)
-    for problem, keys in (("lacks", missing), ("has unknown", extra), ("has wrongly shaped", wrong)):
-        if keys:
-            raise CheckpointMismatchError(f"{label}: CONTROL {problem} ControlNet weights for {config}: "
-                                          f"{len(keys)} (e.g. {keys[0]})")
 
 
 def _unet_differences(control_sd: Mapping[str, torch.Tensor], base_sd: Mapping[str, torch.Tensor]) -> int:
@@ -210,7 +169,7 @@ def _offset(control: torch.Tensor, base: torch.Tensor, target: torch.Tensor) -> 
     return (control.float() + (target.float() - base.float())).to(control.dtype)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Move a ControlNet trained on BASE onto TARGET, a fine-tune of "
                                                  "BASE: control + (target - base) on the ControlNet's UNet copy.")
     parser.add_argument("--base", required=True, help="the SD checkpoint the ControlNet was trained from")
@@ -227,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except USER_ERRORS as err:
         raise SystemExit(f"error: {err}") from None
     _print_report(report)
-    return report
+    return 0
 
 
 def _print_report(report: Mapping[str, Any]) -> None:
@@ -243,4 +202,4 @@ def _print_report(report: Mapping[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

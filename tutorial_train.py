@@ -17,11 +17,12 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
+from cldm.checkpoint import CheckpointError, load_weights
 from cldm.cldm import OPTIMIZERS
 from cldm.logger import ImageLogger
-from cldm.model import CheckpointError, create_model, load_state_dict
-from cldm.training import AtomicCheckpointIO, ExactResume, LastCheckpoint, ResumableSampler, Throughput
+from cldm.model import create_model
 from training.dataset import DatasetError
+from training.loop import AtomicCheckpointIO, ExactResume, LastCheckpoint, ResumableSampler, Throughput
 from tutorial_dataset import MyDataset
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     # Configs
     model = create_model(args.config).cpu()
     if not resuming:  # a resumed run takes every weight from last.ckpt
-        model.load_state_dict(load_state_dict(args.resume_path, location="cpu"))
+        load_weights(model, args.resume_path)
     model.learning_rate = args.learning_rate
     model.optimizer = args.optimizer
     model.sd_locked = args.sd_locked
@@ -134,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                         size=args.image_size)
     print(dataset.report())
     if args.cache:  # the training step then runs neither the VAE encoder nor the text encoder
-        from training.cache import CachedDataset, build_cache, model_fingerprint
+        from training.cache import CachedDataset, build_cache, cached_batch_encoder, model_fingerprint
 
         fingerprint = model_fingerprint(model)
         print(build_cache(model, dataset, args.cache, fingerprint=fingerprint))
         dataset = CachedDataset(dataset, args.cache, fingerprint)
+        model.batch_encoder = cached_batch_encoder
         model.encoders_device = "cpu"  # no GPU memory for encoders that only image logging still uses
     sampler = ResumableSampler(len(dataset), seed=args.seed)
     dataloader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         LastCheckpoint(out, args.save_every or args.logger_freq),
     ]
     if args.fidelity_every > 0:
-        from cldm.fidelity import fidelity_callback_from_args
+        from training.fidelity import fidelity_callback_from_args
 
         callbacks.append(fidelity_callback_from_args(
             kind=args.fidelity_kind, every_n_steps=args.fidelity_every, n=args.fidelity_n, seed=args.seed,

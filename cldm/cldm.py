@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.ddpm import LatentDiffusion, as_input_for
+from cldm.checkpoint import CheckpointMismatchError, explain_mismatch
+from cldm.control import GUESS_MODE_DECAY, Control, UNetWithControls, guess_mode_scales
+from ldm.models.diffusion import sampling
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
 from ldm.util import instantiate_from_config, log_txt_as_img
 
-#: Residual i of n in guess mode is scaled by GUESS_MODE_DECAY ** (n - 1 - i): coarse features count most.
-GUESS_MODE_DECAY = 0.825
-
-
-def guess_mode_scales(n: int = 13, strength: float = 1.0) -> list[float]:
-    """The original's guess-mode ("soft") control scales: `strength * 0.825 ** (12 - i)` for SD's 13."""
-    return [strength * GUESS_MODE_DECAY ** float(n - 1 - i) for i in range(n)]
+__all__ = ["GUESS_MODE_DECAY", "OPTIMIZERS", "ControlLDM", "ControlNet", "ControlledUnetModel", "guess_mode_scales"]
 
 
 class ControlledUnetModel(UNetModel):
@@ -135,9 +132,9 @@ class ControlLDM(LatentDiffusion):
     """Stable Diffusion with a ControlNet: the Lightning module that trains and samples.
 
     `cond` dicts are `{'c_crossattn': [text embedding], 'c_concat': [hint in [0, 1], NCHW]}`;
-    `c_concat: None` runs the plain UNet. `control_scales` multiplies residual i (guess mode and the
-    control weight set it). With `sd_locked` only the ControlNet trains; otherwise the UNet decoder and
-    output layer train too.
+    `c_concat: None` runs the plain UNet. `control_scales` multiplies residual i (the original's guess mode
+    and control weight set it) on every path that runs the model. With `sd_locked` only the ControlNet trains;
+    otherwise the UNet decoder and output layer train too.
     """
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
@@ -204,6 +201,13 @@ class ControlLDM(LatentDiffusion):
         self.model.diffusion_model.compile(**options)
         self.control_model.compile(**options)
 
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint's weights; a checkpoint that does not fit is explained in one line."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as err:
+            raise CheckpointMismatchError(explain_mismatch(self, state_dict)) from err
+
     @torch.no_grad()
     def get_input(self, batch: dict[str, Any], k: str, bs: int | None = None, *args: Any, **kwargs: Any
                   ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
@@ -214,23 +218,37 @@ class ControlLDM(LatentDiffusion):
         control = control.to(self.device).permute(0, 3, 1, 2).contiguous().float()
         return x, dict(c_crossattn=[c], c_concat=[control])
 
-    def control_residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                          hint: torch.Tensor) -> list[torch.Tensor]:
-        residuals = self.control_model(x=x, hint=hint, timesteps=t, context=context)
-        return [r * scale for r, scale in zip(residuals, self.control_scales)]
+    # ----- the one denoising path ------------------------------------------------------------------------
+    def controlled_unet(self, controls: Sequence[Control] = ()) -> UNetWithControls:
+        """The UNet steered by `controls`, with this model's `control_scales`, `only_mid_control` and frozen-weight
+        autocast: every path that runs the model (loss, `apply_model`, logging, fidelity, the pipeline) is this."""
+        self.materialize()
+        return UNetWithControls(self.model.diffusion_model, controls, only_mid_control=self.only_mid_control,
+                                residual_scales=self.control_scales, autocast=self.frozen_autocast)
 
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], *args: Any,
                     **kwargs: Any) -> torch.Tensor:
-        self.materialize()
-        context = torch.cat(cond["c_crossattn"], 1)
+        """The original's entry: the model output for `cond`'s text and hint (`c_concat: None`: no control)."""
+        self.materialize()  # before `self.control_model` is read: a deferred build replaces it
         hints = cond.get("c_concat")
-        unet = self.model.diffusion_model
-        with self.frozen_autocast():
-            control = None if hints is None else self.control_residuals(
-                as_input_for(self.control_model, x_noisy), t, as_input_for(self.control_model, context),
-                as_input_for(self.control_model, torch.cat(hints, 1)))
-            return unet(x=as_input_for(unet, x_noisy), timesteps=t, context=as_input_for(unet, context),
-                        control=control, only_mid_control=self.only_mid_control).float()
+        controls = [] if hints is None else [Control(self.control_model, torch.cat(hints, 1))]
+        return self.controlled_unet(controls)(x_noisy, t, torch.cat(cond["c_crossattn"], 1))
+
+    @torch.no_grad()
+    def sample_latents(self, noise: torch.Tensor, context: torch.Tensor, controls: Sequence[Control] = (),
+                       uncond_context: torch.Tensor | None = None, guidance_scale: float = 1.0, *,
+                       sampler: str = "ddim", steps: int = 20, eta: float = 0.0,
+                       generator: torch.Generator | None = None, batched_guidance: bool = True,
+                       progress: bool = False) -> torch.Tensor:
+        """Latents sampled from `noise` under classifier-free guidance, steered by `controls`.
+
+        `context`/`uncond_context` are the prompt's and the negative prompt's embeddings, batched like `noise`.
+        """
+        guided = ClassifierFreeGuidance(self.controlled_unet(controls), context, uncond_context, guidance_scale,
+                                        batched=batched_guidance)
+        return sampling.sample(guided, noise, alphas_cumprod=self.alphas_cumprod,
+                               parameterization=self.parameterization, sampler=sampler, steps=steps, eta=eta,
+                               generator=generator, progress=progress)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, n: int) -> torch.Tensor:
@@ -243,7 +261,7 @@ class ControlLDM(LatentDiffusion):
         """Control, reconstruction, prompt and guided samples of the first N items, all in [-1, 1].
 
         Samples are drawn `sample_batch_size` at a time (all at once by default): smaller chunks bound the
-        memory that logging adds on top of training.
+        memory that logging adds on top of training. The unconditional half keeps the hint, as the original's.
         """
         z, c = self.get_input(batch, self.first_stage_key, bs=N)
         hint, text = c["c_concat"][0], c["c_crossattn"][0]
@@ -257,15 +275,13 @@ class ControlLDM(LatentDiffusion):
         if sample:
             chunk = sample_batch_size or n
             uncond_text = self.get_unconditional_conditioning(n)
-            sampler = DDIMSampler(self)
             samples = []
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
-                cond = {"c_concat": [hint[part]], "c_crossattn": [text[part]]}
-                uncond = {"c_concat": [hint[part]], "c_crossattn": [uncond_text[part]]}
-                latents, _ = sampler.sample(ddim_steps, hint[part].shape[0], z.shape[1:], cond, eta=ddim_eta,
-                                            verbose=False, unconditional_guidance_scale=unconditional_guidance_scale,
-                                            unconditional_conditioning=uncond)
+                noise = torch.randn((hint[part].shape[0], *z.shape[1:]), device=z.device)
+                latents = self.sample_latents(noise, text[part], [Control(self.control_model, hint[part])],
+                                              uncond_text[part], unconditional_guidance_scale, steps=ddim_steps,
+                                              eta=ddim_eta)
                 samples.append(self.decode_first_stage(latents))
             log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = torch.cat(samples)
         return log

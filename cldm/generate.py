@@ -26,6 +26,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cldm.annotators import PREPROCESSORS
+from cldm.checkpoint import CheckpointError
+from cldm.control import CONTROL_MODES
 from cldm.control_image import RESIZE_MODES
 from cldm.generation import (
     DEFAULT_CFG_SCALE,
@@ -33,12 +35,9 @@ from cldm.generation import (
     SAMPLERS,
     ControlNetPipeline,
     ControlUnit,
-    file_sha256,
     load_image,
+    record_hash,
 )
-from cldm.guidance import CONTROL_MODES
-from cldm.model import CheckpointError
-from ldm.models.diffusion.ddpm import CheckpointMismatchError
 
 PNG_KEY = "controlnet"
 RECORD_VERSION = 1
@@ -49,7 +48,7 @@ RUN_DEFAULTS: dict[str, Any] = {
 UNIT_FLAGS = ("image", "preprocessor", "threshold_a", "threshold_b", "annotator_resolution", "pixel_perfect",
               "invert", "rgb_to_bgr", "resize_mode", "weight", "guidance_start", "guidance_end", "control_mode",
               "guess_mode")
-USER_ERRORS = (ValueError, OSError, CheckpointError, CheckpointMismatchError)
+USER_ERRORS = (ValueError, OSError, CheckpointError)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int)
     run.add_argument("--cfg_scale", type=float, help=f"default {DEFAULT_CFG_SCALE}, the original demos' value")
     run.add_argument("--seed", type=int, help="default 0; -1 picks one at random (and records it)")
-    run.add_argument("--sampler", choices=SAMPLERS)
+    run.add_argument("--sampler", choices=tuple(SAMPLERS))
     run.add_argument("--eta", type=float, help="DDIM noise; DPM++ 2M ignores it")
     run.add_argument("--batch_size", type=int)
     run.add_argument("--low_vram", action=flag, help="keep only the part in use on the accelerator")
@@ -173,7 +172,7 @@ def _record_file(entry: dict[str, Any] | None) -> str | None:
 
 def _warn_if_changed(entry: dict[str, Any] | None, what: str) -> None:
     if entry and entry.get("sha256") and Path(entry["path"]).is_file():
-        if file_sha256(entry["path"]) != entry["sha256"]:
+        if record_hash(entry["path"]) != entry["sha256"]:
             log.warning("%s %s differs from the recorded file: the result will differ", what, entry["path"])
 
 

@@ -3,8 +3,9 @@
 `ControlNetPipeline` loads a model once and turns a prompt plus any number of `ControlUnit`s into images.
 Each unit names a control image, how to preprocess it (annotator, thresholds, resolution, invert, channel
 order, resize mode) and how strongly and when its ControlNet steers sampling (weight, guidance window,
-control mode, guess mode); `cldm.guidance` holds the formulas. Several units make a Multi-ControlNet: their
-residuals are summed.
+control mode, guess mode); `cldm.control` holds the formulas. Several units make a Multi-ControlNet: their
+residuals are summed. Sampling goes through the model's one path (`ControlLDM.sample_latents`), as training-time
+logging and fidelity scoring do.
 
 Checkpoints come in two layouts: a full ControlLDM file (ControlNet 1.0 style, SD and control weights in
 one) or a Stable Diffusion file plus control-only files (ControlNet 1.1 style, keys with or without the
@@ -25,7 +26,19 @@ from PIL import Image
 from torch import nn
 
 from cldm.annotators import PREPROCESSORS, Preprocessor, get_preprocessor
-from cldm.checkpoint_io import sha256_short
+from cldm.checkpoint import (
+    CONTROL_PREFIX,
+    UNET_PREFIX,
+    CheckpointError,
+    check_control_fits,
+    check_family,
+    context_dim_of,
+    control_weights,
+    has_unet,
+    load_state_dict,
+    sha256_short,
+)
+from cldm.control import CONTROL_MODES, Control, ControlMode
 from cldm.control_image import (
     RESIZE_MODES,
     ResizeMode,
@@ -35,21 +48,18 @@ from cldm.control_image import (
     rgb_to_bgr,
     to_rgb_uint8,
 )
-from cldm.guidance import CONTROL_MODES, Control, ControlledCFG, ControlledUNet, ControlMode
-from cldm.model import FAMILY_OF_CONTEXT_DIM, CheckpointError, context_dim_of, create_model, load_state_dict
-from ldm.models.diffusion.ddim import DDIMSchedule, sample_ddim
-from ldm.models.diffusion.dpm_solver import DPMSolverSchedule, sample_dpmpp_2m
+from cldm.model import create_model
+from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.util import instantiate_from_config
 
-SAMPLERS: tuple[str, ...] = ("ddim", "dpmpp_2m")
 #: The original ControlNet gradio demos' guidance scale, which the released models were shown with
 #: (the web UI's own default is 7).
 DEFAULT_CFG_SCALE = 9.0
 #: Maps whose exact pixel values carry meaning (class colours, binary strokes) are resized with
 #: nearest-neighbour so that no in-between colours appear.
 NEAREST_RESIZE_PREPROCESSORS = frozenset({"seg", "scribble"})
-CONTROL_PREFIX = "control_model."
-UNET_PREFIX = "model.diffusion_model."
+#: Hex digits of the sha256s a settings record carries for each file: enough to tell which file made an image.
+RECORD_HASH_LENGTH = 12
 
 #: Keys that `ControlUnit.settings()` and the pipeline add to a unit's record, ignored when reading one back.
 RECORD_ONLY_KEYS = frozenset({"image_sha256", "model_name"})
@@ -57,13 +67,9 @@ RECORD_ONLY_KEYS = frozenset({"image_sha256", "model_name"})
 ImageSource = np.ndarray | Image.Image | str | Path
 
 
-def short_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:12]
-
-
-def file_sha256(path: str | Path) -> str:
-    """First 12 hex digits of a file's sha256: enough to tell which file made an image."""
-    return sha256_short(path, 12)
+def record_hash(path: str | Path) -> str:
+    """The short sha256 a settings record keeps of a file."""
+    return sha256_short(path, RECORD_HASH_LENGTH)
 
 
 def load_image(source: ImageSource) -> np.ndarray:
@@ -91,8 +97,9 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
 def image_sha256(source: ImageSource) -> str:
     """The file's hash for a path; the RGB pixels' hash for an in-memory image."""
     if isinstance(source, str | Path):
-        return file_sha256(source)
-    return short_sha256(np.ascontiguousarray(load_image(source)).tobytes())
+        return record_hash(source)
+    pixels = np.ascontiguousarray(load_image(source)).tobytes()
+    return hashlib.sha256(pixels).hexdigest()[:RECORD_HASH_LENGTH]
 
 
 @dataclass
@@ -184,43 +191,12 @@ def hint_tensor(control_map: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(control_map.astype(np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def _family(width: int | None) -> str:
-    return FAMILY_OF_CONTEXT_DIM.get(width or 0, f"text width {width}")
-
-
-def split_control_weights(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
-    """The ControlNet's weights, without prefix, from a full ControlLDM or a control-only file."""
-    if any(k.startswith(CONTROL_PREFIX) for k in state):
-        return {k[len(CONTROL_PREFIX):]: v for k, v in state.items() if k.startswith(CONTROL_PREFIX)}
-    if any(k.startswith(UNET_PREFIX) for k in state):
-        raise CheckpointError(f"{path}: a Stable Diffusion checkpoint without ControlNet weights, not a ControlNet")
-    if not any(k.startswith("input_hint_block.") for k in state):
-        raise CheckpointError(f"{path}: not a ControlNet checkpoint (no input_hint_block weights)")
-    return dict(state)
-
-
-def check_control_family(control: Mapping[str, torch.Tensor], want: int | None, path: str | Path) -> None:
-    """A ControlNet of one SD family does not fit the other: say so in one line."""
-    have = context_dim_of(control, "")
-    if have is not None and want is not None and have != want:
-        raise CheckpointError(f"{path}: a ControlNet for {_family(have)} (text width {have}) cannot control this "
-                              f"{_family(want)} model (text width {want})")
-
-
 def _build_control_net(config: Any, weights: Mapping[str, torch.Tensor], path: str | Path) -> nn.Module:
-    """A further ControlNet, built without random initialisation and filled from `weights`."""
+    """A further ControlNet, built without random initialisation and filled from `weights` (checked to fit)."""
     with torch.device("meta"):
         net = instantiate_from_config(config)
-    try:
-        net.load_state_dict(weights, strict=True, assign=True)
-    except RuntimeError as err:
-        expected = net.state_dict()
-        missing = [k for k in expected if k not in weights]
-        wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-        detail = f"{len(missing)} missing (e.g. {missing[0]})" if missing else f"{len(wrong)} of the wrong shape"
-        raise CheckpointError(f"{path}: ControlNet weights do not fit the config ({detail})") from err
-    if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
-        raise CheckpointError(f"{path}: ControlNet weights leave some tensors unset")
+    check_control_fits(weights, nn.Module.state_dict(net), str(path), "the config's ControlNet")
+    net.load_state_dict(weights, strict=True, assign=True)
     return net.eval().requires_grad_(False)
 
 
@@ -263,34 +239,28 @@ class ControlNetPipeline:
         fit the config's ControlNet architecture.
         """
         main = load_state_dict(ckpt)
-        control = split_control_weights(main, ckpt)
-        if base is None:
-            if not any(k.startswith(UNET_PREFIX) for k in main):
-                raise CheckpointError(f"{ckpt}: holds only ControlNet weights; also pass the Stable Diffusion "
-                                      "checkpoint it was trained for as base (--base)")
-            sd = {k: v for k, v in main.items() if not k.startswith(CONTROL_PREFIX)}
-            sd_path = ckpt
-        else:
-            sd = {k: v for k, v in load_state_dict(base).items() if not k.startswith(CONTROL_PREFIX)}
-            sd_path = base
-        extras = [split_control_weights(load_state_dict(path), path) for path in extra_controls]
+        control = control_weights(main, ckpt)
+        if base is None and not has_unet(main):
+            raise CheckpointError(f"{ckpt}: holds only ControlNet weights; also pass the Stable Diffusion "
+                                  "checkpoint it was trained for as base (--base)")
+        sd_path = ckpt if base is None else base
+        sd = {k: v for k, v in (main if base is None else load_state_dict(base)).items()
+              if not k.startswith(CONTROL_PREFIX)}
+        extras = [control_weights(load_state_dict(path), path) for path in extra_controls]
         model = create_model(config)
         want = context_dim_of(nn.Module.state_dict(model.control_model), "")
         for weights, path in zip([control, *extras], [ckpt, *extra_controls]):
-            check_control_family(weights, want, path)
-        have_sd = context_dim_of(sd, UNET_PREFIX)
-        if have_sd is not None and want is not None and have_sd != want:
-            raise CheckpointError(f"{sd_path}: an {_family(have_sd)} model (text width {have_sd}) but {config} "
-                                  f"builds {_family(want)} (text width {want})")
+            check_family(weights, "", want, str(path), config)
+        check_family(sd, UNET_PREFIX, want, str(sd_path), config)
         model.load_state_dict({**sd, **{CONTROL_PREFIX + k: v for k, v in control.items()}})
         controls: list[nn.Module] = [model.control_model]
         for weights, path in zip(extras, extra_controls):
             controls.append(_build_control_net(model.part_configs["control_model"], weights, path))
         sources = {
             "config": str(config),
-            "ckpt": {"path": str(ckpt), "sha256": file_sha256(ckpt)},
-            "base": None if base is None else {"path": str(base), "sha256": file_sha256(base)},
-            "extra_controls": [{"path": str(p), "sha256": file_sha256(p)} for p in extra_controls],
+            "ckpt": {"path": str(ckpt), "sha256": record_hash(ckpt)},
+            "base": None if base is None else {"path": str(base), "sha256": record_hash(base)},
+            "extra_controls": [{"path": str(p), "sha256": record_hash(p)} for p in extra_controls],
         }
         names = [str(ckpt), *(str(p) for p in extra_controls)]
         return cls(model, controls, names, device=device, annotator_dir=annotator_dir, sources=sources,
@@ -400,19 +370,12 @@ class ControlNetPipeline:
                     unit.guidance_end, unit.control_mode, unit.guess_mode)
             for unit, k, control_map in zip(units, indices, maps)
         ]
-        unet = ControlledUNet(model.model.diffusion_model, controls, model.only_mid_control)
-        denoiser = ControlledCFG(unet, cond, uncond, cfg_scale)
         factor = self.latent_factor()
         shape = (batch_size, model.channels, height // factor, width // factor)
         x = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed)).to(self.device)
         step_noise = torch.Generator(self.device).manual_seed(seed)
-        if sampler == "ddim":
-            schedule = DDIMSchedule.make(model.alphas_cumprod, steps, eta)
-            z = sample_ddim(denoiser, x, schedule, model.parameterization, generator=step_noise,
-                            disable_progress=not progress)
-        else:
-            dpm = DPMSolverSchedule.make(model.alphas_cumprod, steps)
-            z = sample_dpmpp_2m(denoiser, x, dpm, model.parameterization, disable_progress=not progress)
+        z = model.sample_latents(x, cond, controls, uncond, cfg_scale, sampler=sampler, steps=steps, eta=eta,
+                                 generator=step_noise, progress=progress)
 
         self._place(self._vae_parts(), low_vram)
         pixels = model.decode_first_stage(z.to(self.device))

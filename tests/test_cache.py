@@ -17,6 +17,7 @@ from training.cache import (
     CacheMissError,
     StaleCacheError,
     build_cache,
+    cached_batch_encoder,
     model_fingerprint,
 )
 from training.dataset import ControlDataset
@@ -51,8 +52,15 @@ def data(pristine_data: Path, tmp_path: Path) -> Path:
 
 
 def loss_at_seed(model: Any, batch: dict[str, Any], seed: int = 1234) -> torch.Tensor:
+    """The training loss of `batch` at `seed`; a cached batch is read as `tutorial_train.py --cache` reads it."""
     torch.manual_seed(seed)
-    loss, _ = model.shared_step(batch)
+    default = model.batch_encoder
+    if "latent_moments" in batch:
+        model.batch_encoder = cached_batch_encoder
+    try:
+        loss, _ = model.shared_step(batch)
+    finally:
+        model.batch_encoder = default
     return loss
 
 

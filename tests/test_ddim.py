@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import reference_file, rel_err, tiny_inputs
 
-from ldm.models.diffusion.ddim import DDIMSampler, DDIMSchedule, eps_and_x0, make_ddim_timesteps, sample_ddim
-from ldm.models.diffusion.guidance import ClassifierFreeGuidance, concat_conditions
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance, apply_model_network, concat_conditions
+from ldm.models.diffusion.sampling import Denoiser, Discretization, ddim_sigma, make_ddim_timesteps, sample_ddim
+from ldm.models.diffusion.schedule import eps_and_x0
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -31,8 +33,8 @@ def _alphas_cumprod(betas: list[float]) -> torch.Tensor:
 def test_timesteps_match_reference(meta: dict[str, Any], steps: str) -> None:
     expected = meta["ddim_timesteps"][steps]
     assert make_ddim_timesteps(int(steps)).tolist() == expected
-    schedule = DDIMSchedule.make(_alphas_cumprod(meta["betas_linear_1000"]), int(steps))
-    assert schedule.timesteps.tolist() == expected
+    schedule = Discretization.make(_alphas_cumprod(meta["betas_linear_1000"]), int(steps))
+    assert schedule.timesteps.tolist() == expected[::-1]  # sampling order: noisiest first
     assert len(schedule) == int(steps)
 
 
@@ -50,7 +52,7 @@ def test_timesteps_original_quirks() -> None:
 def test_step_counts_whose_last_timestep_would_be_1000(steps: int) -> None:
     ac = torch.linspace(0.999, 0.01, 1000)
     try:
-        schedule = DDIMSchedule.make(ac, steps)
+        schedule = Discretization.make(ac, steps)
     except ValueError:
         return  # refused with a clear message: fine
     assert int(schedule.timesteps.max()) < 1000
@@ -66,13 +68,17 @@ def test_schedule_values_follow_original_formulas(meta: dict[str, Any], steps: i
     alphas_prev = torch.cat([acd[:1], acd[ts[:-1]]])
     sigmas = eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
 
-    schedule = DDIMSchedule.make(ac, steps, eta=eta)
-    assert schedule.alphas.dtype == schedule.alphas_prev.dtype == schedule.sigmas.dtype == torch.float32
-    assert torch.equal(schedule.alphas, ac[ts])
-    assert torch.equal(schedule.alphas_prev, torch.cat([ac[:1], ac[ts[:-1]]]))
-    torch.testing.assert_close(schedule.sigmas, sigmas.float(), rtol=1e-6, atol=1e-9)
+    # The discretization holds the float32 buffer's values in sampling order; DDIM's sigmas follow from them.
+    schedule = Discretization.make(ac, steps)
+    ascending = torch.from_numpy(schedule.alphas[::-1].copy())
+    ascending_next = torch.from_numpy(schedule.alphas_next[::-1].copy())
+    assert torch.equal(ascending.float(), ac[ts]) and torch.equal(ascending.float().double(), ascending)
+    assert torch.equal(ascending_next.float(), torch.cat([ac[:1], ac[ts[:-1]]]))
+    got_sigmas = torch.tensor([ddim_sigma(a, a_next, eta) for a, a_next in zip(schedule.alphas, schedule.alphas_next)]
+                              ).flip(0).float()
+    torch.testing.assert_close(got_sigmas, sigmas.float(), rtol=1e-6, atol=1e-9)
     if eta == 0.0:
-        assert not schedule.sigmas.any()
+        assert not got_sigmas.any()
 
 
 def test_model_betas_match_reference(tiny_model: Any, meta: dict[str, Any]) -> None:
@@ -126,7 +132,7 @@ def test_eps_and_x0_agrees_with_model_v_helpers(tiny_model: Any) -> None:
 def test_oracle_denoiser_recovers_x0(meta: dict[str, Any]) -> None:
     """A denoiser that returns the exact noise of a fixed x0 makes every step predict that x0 (eta = 0)."""
     ac = _alphas_cumprod(meta["betas_linear_1000"])
-    schedule = DDIMSchedule.make(ac, 10)
+    schedule = Discretization.make(ac, 10)
     g = torch.Generator().manual_seed(5)
     x0 = torch.randn(2, 4, 6, 6, generator=g)
     seen_t: list[int] = []
@@ -140,7 +146,7 @@ def test_oracle_denoiser_recovers_x0(meta: dict[str, Any]) -> None:
 
     preds: list[torch.Tensor] = []
     x_T = torch.randn(2, 4, 6, 6, generator=g)
-    out = sample_ddim(oracle, x_T, schedule, callback=lambda i, x, p: preds.append(p))
+    out = sample_ddim(Denoiser(oracle, "eps"), x_T, schedule, callback=lambda i, x, p: preds.append(p))
     assert seen_t == meta["ddim_timesteps"]["10"][::-1]
     assert progress == [i / 10 for i in range(10)]
     assert len(preds) == 10
@@ -265,7 +271,7 @@ def test_cfg_batched_equals_two_passes(tiny_model: Any) -> None:
     scale = 7.5
     counting = _Counting(tiny_model)
     with torch.no_grad():
-        guided = ClassifierFreeGuidance(counting, cond, uncond, scale)(inp["x"], inp["t"], 0.0)
+        guided = ClassifierFreeGuidance(apply_model_network(counting), cond, uncond, scale)(inp["x"], inp["t"], 0.0)
         out_c = tiny_model.apply_model(inp["x"], inp["t"], cond)
         out_u = tiny_model.apply_model(inp["x"], inp["t"], uncond)
     assert counting.batches == [4]  # one forward on the concatenated batch, uncond half first
@@ -285,7 +291,7 @@ def test_cfg_unbatchable_conditions_take_two_passes(tiny_model: Any) -> None:
     inp = tiny_inputs(seed=6)
     counting = _Counting(tiny_model)
     with torch.no_grad():
-        guided = ClassifierFreeGuidance(counting, cond, uncond, 3.0)(inp["x"], inp["t"])
+        guided = ClassifierFreeGuidance(apply_model_network(counting), cond, uncond, 3.0)(inp["x"], inp["t"])
         out_c = tiny_model.apply_model(inp["x"], inp["t"], cond)
         out_u = tiny_model.apply_model(inp["x"], inp["t"], uncond)
     assert counting.batches == [2, 2]
@@ -296,8 +302,9 @@ def test_cfg_scale_one_or_no_uncond_is_one_conditional_pass() -> None:
     model = _StubModel()
     x, t = torch.randn(2, 4, 3, 3), torch.tensor([5, 5])
     cond = {"c_crossattn": [torch.zeros(2, 7, 8)]}
-    assert torch.equal(ClassifierFreeGuidance(model, cond, cond, 1.0)(x, t), 0.1 * x)
-    assert torch.equal(ClassifierFreeGuidance(model, cond, None, 9.0)(x, t), 0.1 * x)
+    network = apply_model_network(model)
+    assert torch.equal(ClassifierFreeGuidance(network, cond, cond, 1.0)(x, t), 0.1 * x)
+    assert torch.equal(ClassifierFreeGuidance(network, cond, None, 9.0)(x, t), 0.1 * x)
     assert model.calls == [2, 2]
 
 

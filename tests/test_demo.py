@@ -85,7 +85,7 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     so loaded that the 600-second timeout runs out (it takes about a minute on an idle 2-core CPU).
     """
     out = tmp_path / "demo"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "demo.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import build_tiny, rel_err, tiny_inputs
 
+from ldm.models.diffusion.ddpm import encode_batch
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -201,8 +202,19 @@ def test_decode_first_stage_divides_by_scale_factor(tiny_model: Any, monkeypatch
     assert torch.equal(tiny_model.decode_first_stage(z), z / tiny_model.scale_factor)
 
 
-def test_cached_batch_gives_the_same_input(tiny_model: Any) -> None:
+@pytest.fixture
+def cached_model(tiny_model: Any) -> Any:
+    """The tiny model reading batches as training from a cache does (`cached_batch_encoder`)."""
+    from training.cache import cached_batch_encoder
+
+    tiny_model.batch_encoder = cached_batch_encoder
+    yield tiny_model
+    tiny_model.batch_encoder = encode_batch
+
+
+def test_cached_batch_gives_the_same_input(cached_model: Any) -> None:
     """A batch carrying the VAE posterior's moments and the prompt embeddings skips both encoders."""
+    tiny_model = cached_model
     raw = _raw_batch(seed=4)
     with torch.no_grad():
         posterior = tiny_model.first_stage_model.encode(raw["jpg"].permute(0, 3, 1, 2))
@@ -210,7 +222,10 @@ def test_cached_batch_gives_the_same_input(tiny_model: Any) -> None:
     cached = {"latent_moments": posterior.parameters, "context": context, "hint": raw["hint"]}
 
     torch.manual_seed(21)
+    with_encoders = tiny_model.batch_encoder
+    tiny_model.batch_encoder = encode_batch
     z_raw, c_raw = tiny_model.get_input(raw, "jpg")
+    tiny_model.batch_encoder = with_encoders
     torch.manual_seed(21)
     z_cached, c_cached = tiny_model.get_input(cached, "jpg")
     torch.testing.assert_close(z_cached, z_raw, rtol=1e-6, atol=1e-6)
@@ -225,7 +240,8 @@ def test_cached_batch_gives_the_same_input(tiny_model: Any) -> None:
     assert z_bs.shape[0] == c_bs["c_crossattn"][0].shape[0] == c_bs["c_concat"][0].shape[0] == 1
 
 
-def test_cached_deterministic_latent(tiny_model: Any) -> None:
+def test_cached_deterministic_latent(cached_model: Any) -> None:
+    tiny_model = cached_model
     latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     batch = {"latent": latent, "context": torch.zeros(2, 77, 32), "hint": _raw_batch()["hint"]}
     z, c = tiny_model.get_input(batch, "jpg")

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSchedule, sample_ddim
-from ldm.models.diffusion.dpm_solver import DPMSolverSchedule, sample_dpmpp_2m
-from ldm.models.diffusion.guidance import Denoiser
+from ldm.models.diffusion.sampling import Denoiser, Discretization, sample_ddim, sample_dpmpp_2m
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 #: Stable Diffusion's discrete schedule.
@@ -21,12 +19,17 @@ LINEAR_LOGSNR = torch.sigmoid(2 * torch.linspace(5.0, -5.0, 1000, dtype=torch.fl
 def gaussian_denoiser(mean: float, std: float, alphas_cumprod: torch.Tensor = ALPHAS_CUMPROD) -> Denoiser:
     """Exact eps prediction for data ~ N(mean, std^2) per element, at the schedule's timesteps."""
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor, progress: float) -> torch.Tensor:
+    def eps(x: torch.Tensor, t: torch.Tensor, progress: float) -> torch.Tensor:
         a = alphas_cumprod[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         x0 = mean + std**2 * a.sqrt() / (a * std**2 + 1 - a) * (x - a.sqrt() * mean)
         return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
-    return denoiser
+    return Denoiser(eps, "eps")
+
+
+def dpm_grid(alphas_cumprod: torch.Tensor, steps: int, grid: str = "ddim") -> Discretization:
+    """DPM-Solver's discretization: down to clean data."""
+    return Discretization.make(alphas_cumprod, steps, grid, end="clean")
 
 
 def exact_ode_end(x_start: torch.Tensor, a_start: float, mean: float, std: float) -> torch.Tensor:
@@ -43,7 +46,7 @@ def test_single_point_data_is_reached_exactly(method: str) -> None:
         return (x - a.sqrt() * point) / (1 - a).sqrt()
 
     x = torch.randn((3, 1, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    out = sample_dpmpp_2m(to_point, x, DPMSolverSchedule.make(ALPHAS_CUMPROD, 7, method))
+    out = sample_dpmpp_2m(Denoiser(to_point), x, dpm_grid(ALPHAS_CUMPROD, 7, method))
     torch.testing.assert_close(out, point.expand_as(out), rtol=0, atol=1e-9)
 
 
@@ -53,7 +56,7 @@ def test_gaussian_data_converges_at_second_order() -> None:
     x = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     errors = []
     for steps in (10, 20, 40):
-        schedule = DPMSolverSchedule.make(LINEAR_LOGSNR, steps, "uniform")
+        schedule = dpm_grid(LINEAR_LOGSNR, steps, "uniform")
         exact = exact_ode_end(x, schedule.alphas[0], mean, std)
         errors.append((sample_dpmpp_2m(denoiser, x, schedule) - exact).abs().max().item())
     assert errors[0] > errors[1] > errors[2]
@@ -65,9 +68,10 @@ def test_more_accurate_than_ddim_at_equal_steps() -> None:
     mean, std = 0.0, 1.0
     denoiser = gaussian_denoiser(mean, std, LINEAR_LOGSNR)
     x = torch.randn((2, 1, 4, 4), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    ddim = DDIMSchedule.make(LINEAR_LOGSNR, 10)
-    dpm = DPMSolverSchedule.make(LINEAR_LOGSNR, 10, "ddim")
-    assert list(dpm.timesteps) == list(ddim.timesteps[::-1])
+    ddim = Discretization.make(LINEAR_LOGSNR, 10)
+    dpm = dpm_grid(LINEAR_LOGSNR, 10, "ddim")
+    assert list(dpm.timesteps) == list(ddim.timesteps)
+    assert ddim.alphas_next[-1] == float(LINEAR_LOGSNR[0]) and dpm.alphas_next[-1] == 1.0
     a_start = dpm.alphas[0]
     # DDIM stops at a_0 instead of clean data; compare each with the exact ODE value at its own end point.
     a_end = float(LINEAR_LOGSNR[0])
@@ -82,9 +86,9 @@ def test_first_step_is_ddim() -> None:
     denoiser = gaussian_denoiser(0.2, 0.5)
     x = torch.randn((1, 4, 4, 4), generator=torch.Generator().manual_seed(3))
     seen: dict[str, torch.Tensor] = {}
-    sample_ddim(denoiser, x, DDIMSchedule.make(ALPHAS_CUMPROD, 8),
+    sample_ddim(denoiser, x, Discretization.make(ALPHAS_CUMPROD, 8),
                 callback=lambda i, x_i, x0: seen.setdefault("ddim", x_i))
-    sample_dpmpp_2m(denoiser, x, DPMSolverSchedule.make(ALPHAS_CUMPROD, 8),
+    sample_dpmpp_2m(denoiser, x, dpm_grid(ALPHAS_CUMPROD, 8),
                     callback=lambda i, x_i, x0: seen.setdefault("dpm", x_i))
     torch.testing.assert_close(seen["dpm"], seen["ddim"], rtol=1e-5, atol=1e-5)
 
@@ -93,19 +97,22 @@ def test_deterministic_and_progress_passed() -> None:
     calls: list[float] = []
     base = gaussian_denoiser(0.0, 0.8)
 
-    def denoiser(x: torch.Tensor, t: torch.Tensor, progress: float) -> torch.Tensor:
+    def recording(x: torch.Tensor, t: torch.Tensor, progress: float) -> torch.Tensor:
         calls.append(progress)
-        return base(x, t, progress)
+        return base.model_function(x, t, progress)
 
+    denoiser = Denoiser(recording)
     x = torch.randn((2, 4, 4, 4), generator=torch.Generator().manual_seed(4))
-    schedule = DPMSolverSchedule.make(ALPHAS_CUMPROD, 4)
+    schedule = dpm_grid(ALPHAS_CUMPROD, 4)
     first, second = sample_dpmpp_2m(denoiser, x, schedule), sample_dpmpp_2m(denoiser, x, schedule)
     assert torch.equal(first, second)
     assert calls[:4] == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_bad_grid_and_steps() -> None:
-    with pytest.raises(ValueError, match="unknown DPM-Solver grid"):
-        DPMSolverSchedule.make(ALPHAS_CUMPROD, 4, "karras")
+    with pytest.raises(ValueError, match="unknown timestep grid"):
+        dpm_grid(ALPHAS_CUMPROD, 4, "karras")
     with pytest.raises(ValueError, match="steps must be"):
-        DPMSolverSchedule.make(ALPHAS_CUMPROD, 0, "uniform")
+        dpm_grid(ALPHAS_CUMPROD, 0, "uniform")
+    with pytest.raises(ValueError, match="unknown end"):
+        Discretization.make(ALPHAS_CUMPROD, 4, end="sigma_min")

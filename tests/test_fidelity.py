@@ -18,7 +18,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from cldm.fidelity import (
+from training.dataset import ControlDataset
+from training.fidelity import (
     HELDOUT_START,
     FidelityCallback,
     HeldOut,
@@ -31,7 +32,6 @@ from cldm.fidelity import (
     score_fill50k,
     sudden_convergence_step,
 )
-from training.dataset import ControlDataset
 from training.make_fill50k import make_fill50k, sample_fill50k, sample_rng
 
 BLACK, WHITE = (0, 0, 0), (255, 255, 255)

@@ -16,10 +16,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from cldm.cldm import ControlNet
+from cldm.control import Control, UNetWithControls
 from cldm.generate import PNG_KEY, main, read_record
 from cldm.generation import ControlNetPipeline, ControlUnit, GenerationResult
-from cldm.guidance import Control, ControlledCFG, ControlledUNet
 from cldm.model import CheckpointError, create_model
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,10 +146,11 @@ def test_weight_zero_and_empty_window_equal_no_control(pipe: ControlNetPipeline,
 
     x, t, cond, uncond, hint = inputs(pipe, files)
     unet = pipe.model.model.diffusion_model
-    no_control = ControlledCFG(ControlledUNet(unet), cond, uncond, 5.0)(x, t, 0.0)
+    no_control = ClassifierFreeGuidance(UNetWithControls(unet), cond, uncond, 5.0)(x, t, 0.0)
     for control in (Control(pipe.controls[0], hint, weight=0.0),
                     Control(pipe.controls[0], hint, guidance_start=0.5, guidance_end=0.5)):
-        assert torch.equal(ControlledCFG(ControlledUNet(unet, [control]), cond, uncond, 5.0)(x, t, 0.5), no_control)
+        guided = ClassifierFreeGuidance(UNetWithControls(unet, [control]), cond, uncond, 5.0)
+        assert torch.equal(guided(x, t, 0.5), no_control)
 
 
 def test_weight_multiplies_every_residual(pipe: ControlNetPipeline, files: dict[str, Path]) -> None:
@@ -202,7 +204,7 @@ def run_stub(controls: list[Control], batch: int = 3) -> tuple[list[float], list
     unet = StubUNet()
     x = torch.randn((batch, 4, 2, 2))
     cond, uncond = torch.randn((batch, 5, 8)), torch.randn((batch, 5, 8))
-    ControlledCFG(ControlledUNet(unet, controls), cond, uncond, 7.5)(x, torch.full((batch,), 10), 0.1)
+    ClassifierFreeGuidance(UNetWithControls(unet, controls), cond, uncond, 7.5)(x, torch.full((batch,), 10), 0.1)
     assert unet.control is not None
     halves = [r.chunk(2) for r in unet.control]
     for r_uncond, r_cond in halves:  # each half is constant over its rows
@@ -239,7 +241,7 @@ def test_two_units_equal_unet_with_summed_residuals(pipe: ControlNetPipeline, fi
     unet = pipe.model.model.diffusion_model
     units = [Control(pipe.controls[0], hint, weight=0.8), Control(pipe.controls[1], hint2, weight=1.3)]
     yes = torch.ones(2, dtype=torch.bool)
-    got = ControlledUNet(unet, units)(x, t, cond, yes, 0.0)
+    got = UNetWithControls(unet, units)(x, t, cond, yes, 0.0)
     r0 = [0.8 * r for r in pipe.controls[0](x=x, hint=hint.repeat(2, 1, 1, 1), timesteps=t, context=cond)]
     r1 = [1.3 * r for r in pipe.controls[1](x=x, hint=hint2.repeat(2, 1, 1, 1), timesteps=t, context=cond)]
     want = unet(x, timesteps=t, context=cond, control=[p + q for p, q in zip(r0, r1)])
@@ -251,10 +253,10 @@ def test_two_units_equal_unet_with_summed_residuals(pipe: ControlNetPipeline, fi
 def test_batched_cfg_equals_two_passes(pipe: ControlNetPipeline, files: dict[str, Path], mode: str,
                                        guess: bool) -> None:
     x, t, cond, uncond, hint = inputs(pipe, files)
-    model = ControlledUNet(pipe.model.model.diffusion_model,
+    model = UNetWithControls(pipe.model.model.diffusion_model,
                            [Control(pipe.controls[0], hint, 1.2, control_mode=mode, guess_mode=guess)])
-    batched = ControlledCFG(model, cond, uncond, 6.0, batched=True)(x, t, 0.2)
-    separate = ControlledCFG(model, cond, uncond, 6.0, batched=False)(x, t, 0.2)
+    batched = ClassifierFreeGuidance(model, cond, uncond, 6.0, batched=True)(x, t, 0.2)
+    separate = ClassifierFreeGuidance(model, cond, uncond, 6.0, batched=False)(x, t, 0.2)
     torch.testing.assert_close(batched, separate, rtol=1e-4, atol=1e-5)
 
 
@@ -385,6 +387,6 @@ def test_cli_bad_inputs_give_one_line(files: dict[str, Path], tmp_path: Path, ca
 def test_cli_missing_image_in_a_subprocess(files: dict[str, Path], tmp_path: Path) -> None:
     argv = cli_base(files, tmp_path / "out.png") + ["--image", str(tmp_path / "nowhere.png")]
     proc = subprocess.run([sys.executable, "-m", "cldm.generate", *argv], cwd=REPO, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+                          env={"PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'nowhere.png'}: image file not found"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import ROOT, build_tiny, tiny_inputs
 
+from cldm.checkpoint import CheckpointMismatchError
 from cldm.model import CheckpointError, create_model, get_state_dict, load_state_dict
-from ldm.models.diffusion.ddpm import CheckpointMismatchError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 import tool_add_control
 import tool_transfer_control
-from cldm.checkpoint_io import key_group, save_state_dict, sha256_short
+from cldm.checkpoint import key_group, save_state_dict, sha256_short
 from cldm.model import CROSS_ATTN_KEY, create_model, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,8 +154,7 @@ def test_add_control_needs_config_for_unknown_width_and_a_vae(tiny_sd: SD, tmp_p
 def test_add_control_command_line(sd_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "control.pth"
     command = [sys.executable, "tool_add_control.py", str(sd_file), str(out), "--config", TINY]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "control_model.zero_convs.*" in done.stdout and out.is_file()
 
@@ -193,8 +191,9 @@ def test_transfer_formula(transfer_inputs: tuple[SD, SD, SD], tmp_path: Path, la
     paths = [_save(tmp_path, "base.ckpt", base),
              _save(tmp_path, "control.safetensors", _control_layout(control, layout)),
              _save(tmp_path, "target.ckpt", target)]
-    report = tool_transfer_control.main([f"--{role}={p}" for role, p in zip(("base", "control", "target"), paths)]
-                                        + [f"--out={tmp_path / 'out.safetensors'}", f"--config={TINY}"])
+    assert tool_transfer_control.main([f"--{role}={p}" for role, p in zip(("base", "control", "target"), paths)]
+                                      + [f"--out={tmp_path / 'out.safetensors'}", f"--config={TINY}"]) == 0
+    report = tool_transfer_control.transfer_control(*paths, tmp_path / "again.safetensors", TINY)
     out = load_file(tmp_path / "out.safetensors")
     assert torch.equal(out[CONTROL + OFFSET_KEY], torch.full_like(out[CONTROL + OFFSET_KEY], 0.25 + 3.5 - 1.0))
     assert torch.equal(out[CONTROL + ZERO_KEY], control[CONTROL + ZERO_KEY])
@@ -252,7 +251,7 @@ def test_transfer_refusals(transfer_inputs: tuple[SD, SD, SD], tmp_path: Path) -
     assert not (tmp_path / "out.ckpt").exists() and (tmp_path / "exists.ckpt").read_bytes() == b"precious"
 
 
-# ----- cldm.checkpoint_io ----------------------------------------------------------------------------------
+# ----- cldm.checkpoint -------------------------------------------------------------------------------------
 def test_save_state_dict_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
     weights = torch.arange(6.0)
     sd = {"a": weights, "b": weights[:3], "c": weights.view(2, 3).t()}  # shared and non-contiguous

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from cldm.model import create_model, load_state_dict
-from cldm.training import AtomicCheckpointIO, ResumableSampler
+from training.loop import AtomicCheckpointIO, ResumableSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "models" / "cldm_tiny.yaml")

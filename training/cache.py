@@ -3,7 +3,8 @@
 Training a ControlNet never changes the VAE or the text encoder, yet every step runs both: at 256 px the
 VAE encoder alone costs about as much as the UNet's forward pass. `build_cache` runs them once per item
 and stores the results as safetensors shards; `CachedDataset` then serves items with `latent_moments`
-and `context` instead of `jpg`, which `LatentDiffusion.get_input` uses without running either encoder.
+and `context` instead of `jpg`, and `cached_batch_encoder` (the model's `batch_encoder` while training from the
+cache) turns those into the step's latents and text conditioning without running either encoder.
 
 What is stored, and why:
 
@@ -29,7 +30,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from cldm.checkpoint_io import file_sha256
+from cldm.checkpoint import file_sha256
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from training.dataset import ControlDataset
 
 #: Bump when what is stored, or how keys are made, changes: every older entry then goes stale.
@@ -229,6 +231,20 @@ def _posterior_moments(posterior: Any) -> torch.Tensor:
         raise TypeError("this first stage returns latents, not a posterior: nothing stochastic to cache as "
                         "moments")
     return posterior.parameters
+
+
+def cached_batch_encoder(model: Any, batch: Mapping[str, Any], key: str, bs: int | None) -> tuple[Any, torch.Tensor]:
+    """A batch of cached items as the model's step needs it (a `LatentDiffusion.batch_encoder`): the VAE posterior
+    from `latent_moments` (sampled by the step with the global RNG, as without the cache), or a first stage's
+    deterministic `latent`, and the prompt embeddings `context`."""
+    def first(values: torch.Tensor) -> torch.Tensor:
+        return (values if bs is None else values[:bs]).to(model.device)
+
+    if "latent_moments" in batch:
+        posterior: Any = DiagonalGaussianDistribution(first(batch["latent_moments"]).float())
+    else:
+        posterior = first(batch["latent"]).float()
+    return posterior, first(batch["context"])
 
 
 class CachedDataset(Dataset):

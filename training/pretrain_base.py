@@ -34,12 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cldm.model import create_model, load_config  # noqa: E402
-from ldm.models.autoencoder import IdentityFirstStage  # noqa: E402
-from training.make_fill50k import sample_fill50k  # noqa: E402
+from cldm.model import create_model, load_config
+from ldm.models.autoencoder import IdentityFirstStage
+from training.make_fill50k import sample_fill50k
 
 
 @dataclass(frozen=True)
@@ -164,7 +161,7 @@ def save_sample_grid(model: Any, path: Path, seed: int, n: int = 8, guidance_sca
 
     Guidance 3, not SD's usual 9: this tiny model over-saturates its colours at 9.
     """
-    from cldm.fidelity import fill50k_heldout, generate, save_grid
+    from training.fidelity import fill50k_heldout, generate, save_grid
 
     heldout = fill50k_heldout(n, seed, int(model.image_size))
     save_grid([heldout.targets, generate(model, heldout.prompts, None, seed, guidance_scale=guidance_scale)], path)

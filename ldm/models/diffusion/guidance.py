@@ -1,23 +1,30 @@
-"""Classifier-free guidance as a small object: it turns a model and two conditions into one denoiser.
+"""Classifier-free guidance: the one object that turns a conditioned network and two conditions into a model function.
 
-A sampler only ever calls `denoiser(x, t, progress)`, where `progress` is the fraction of sampling done
-(0 at the first, noisiest step). Guidance variants (guess mode, control modes, guidance windows) are
-other denoisers of the same shape, not branches inside the sampler loop.
+A *conditioned network* is called as `network(x, t, cond, conditional=..., progress=...)`:
+
+- `cond` is whatever the network is conditioned on: a text context tensor, or the original's condition dict
+  (`{'c_crossattn': [context], 'c_concat': [hint]}`);
+- `conditional` says which rows carry the prompt: `True` (all), `False` (none: the unconditional half) or a
+  bool tensor per row when both halves share one batch. A network may ignore it; a ControlNet whose unit
+  steers the conditional half only (guess mode, "ControlNet is more important") reads it;
+- `progress` is the fraction of sampling done (0 at the first, noisiest step), for guidance windows.
+
+`ClassifierFreeGuidance(network, cond, uncond, scale)` is then a *model function* `f(x, t, progress)`, which
+`ldm.models.diffusion.sampling.Denoiser` hands to the samplers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-#: `denoiser(x, t, progress) -> model output` (eps, or v for v-parameterised models).
-Denoiser = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-class DiffusionModel(Protocol):
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor: ...
+#: `network(x, t, cond, conditional=bool | bool tensor, progress=float) -> model output`.
+ConditionedNetwork = Callable[..., torch.Tensor]
+#: `model_function(x, t, progress) -> model output` (eps, or v for v-parameterised models).
+ModelFunction = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+Rows = bool | torch.Tensor
 
 
 def combine_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -25,9 +32,16 @@ def combine_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: fl
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def concat_conditions(first: Mapping[str, Any], second: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Stack two condition dicts along the batch, or None when they cannot share one forward pass."""
-    if first.keys() != second.keys():
+def _concat_tensors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    return torch.cat([a, b]) if a.shape[1:] == b.shape[1:] else None
+
+
+def concat_conditions(first: Any, second: Any) -> Any:
+    """Stack two conditions along the batch (tensors, or dicts of tensor lists), or None when they cannot share one
+    forward pass."""
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return _concat_tensors(first, second)
+    if not (isinstance(first, Mapping) and isinstance(second, Mapping)) or first.keys() != second.keys():
         return None
     merged: dict[str, Any] = {}
     for key, a in first.items():
@@ -37,32 +51,45 @@ def concat_conditions(first: Mapping[str, Any], second: Mapping[str, Any]) -> di
             continue
         if a is None or b is None or len(a) != len(b):
             return None
-        if any(x.shape[1:] != y.shape[1:] for x, y in zip(a, b)):
+        parts = [_concat_tensors(x, y) for x, y in zip(a, b)]
+        if any(part is None for part in parts):
             return None
-        merged[key] = [torch.cat([x, y]) for x, y in zip(a, b)]
+        merged[key] = parts
     return merged
 
 
-class ClassifierFreeGuidance:
-    """`uncond + scale * (cond - uncond)`, both halves in one batched forward pass when shapes allow.
+def apply_model_network(model: Any) -> ConditionedNetwork:
+    """A model with the original's `apply_model(x, t, cond)` as a conditioned network (it conditions every row)."""
 
-    With `scale == 1` or no unconditional condition, only the conditional pass runs.
+    def network(x: torch.Tensor, t: torch.Tensor, cond: Any, conditional: Rows = True, progress: float = 0.0
+                ) -> torch.Tensor:
+        return model.apply_model(x, t, cond)
+
+    return network
+
+
+class ClassifierFreeGuidance:
+    """`uncond + scale * (cond - uncond)`, both halves in one batched forward pass (`[uncond; cond]`) when their
+    conditions stack, else in two; with `scale == 1` or no unconditional condition only the conditional pass runs.
     """
 
-    def __init__(self, model: DiffusionModel, cond: Any, uncond: Any = None, scale: float = 1.0) -> None:
-        self.model = model
+    def __init__(self, network: ConditionedNetwork, cond: Any, uncond: Any = None, scale: float = 1.0,
+                 batched: bool = True) -> None:
+        self.network = network
         self.cond = cond
         self.uncond = uncond
         self.scale = scale
+        self.batched = batched
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
         if self.uncond is None or self.scale == 1.0:
-            return self.model.apply_model(x, t, self.cond)
-        both = (concat_conditions(self.uncond, self.cond)
-                if isinstance(self.cond, Mapping) and isinstance(self.uncond, Mapping) else None)
+            return self.network(x, t, self.cond, conditional=True, progress=progress)
+        both = concat_conditions(self.uncond, self.cond) if self.batched else None
         if both is not None:
-            out_uncond, out_cond = self.model.apply_model(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            rows = torch.arange(2 * x.shape[0], device=x.device) >= x.shape[0]
+            out = self.network(torch.cat([x, x]), torch.cat([t, t]), both, conditional=rows, progress=progress)
+            out_uncond, out_cond = out.chunk(2)
         else:
-            out_cond = self.model.apply_model(x, t, self.cond)
-            out_uncond = self.model.apply_model(x, t, self.uncond)
+            out_uncond = self.network(x, t, self.uncond, conditional=False, progress=progress)
+            out_cond = self.network(x, t, self.cond, conditional=True, progress=progress)
         return combine_guidance(out_uncond, out_cond, self.scale)

@@ -183,3 +183,12 @@ def extract_into_tensor(values: torch.Tensor, t: torch.Tensor, shape: torch.Size
     """Gather per-timestep schedule values and shape them to broadcast over a batch of images."""
     out = values.gather(-1, t)
     return out.reshape(t.shape[0], *((1,) * (len(shape) - 1)))
+
+
+def as_input_for(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """`x` in the dtype of `module`'s weights, so that a network held in half precision runs without autocast
+    (whose per-op casts cost time at inference); under autocast, or for a non-module, `x` is returned as it is."""
+    if not x.is_floating_point() or torch.is_autocast_enabled(x.device.type) or not isinstance(module, nn.Module):
+        return x
+    first = next(module.parameters(), None)
+    return x if first is None or first.dtype == x.dtype else x.to(first.dtype)

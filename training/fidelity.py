@@ -20,7 +20,7 @@ evaluation under `fidelity_samples/`.
 
 Score a trained Fill50K-style checkpoint on fresh held-out hints (the last line is `iou=... baseline=...`):
 
-    python -m cldm.fidelity --config configs/demo_fill50k.yaml --ckpt runs/demo/last.ckpt --n 64 --seed 1
+    python -m training.fidelity --config configs/demo_fill50k.yaml --ckpt runs/demo/last.ckpt --n 64 --seed 1
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
+from cldm.checkpoint import CheckpointError, load_weights
+from cldm.control import Control
 from cldm.metrics import circle_mask_from_colors, color_accuracy, edge_f1, iou
-from ldm.models.diffusion.ddim import DDIMSchedule, sample_ddim
-from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+from cldm.model import create_model
+from training.dataset import ControlDataset
 from training.make_fill50k import sample_fill50k, sample_rng
 
 KINDS = ("auto", "fill50k", "edges")
@@ -93,8 +95,6 @@ def fill50k_heldout(n: int, seed: int, size: int) -> HeldOut:
 
 def dataset_heldout(root: str | Path, n: int, seed: int, size: int | None) -> HeldOut:
     """A fixed subset of `n` items of the data set at `root` (chosen by `seed`), scored as edges."""
-    from training.dataset import ControlDataset
-
     dataset = ControlDataset(root, size=size)
     count = min(n, len(dataset))
     indices = sorted(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False).tolist())
@@ -166,7 +166,7 @@ def item_noise(shape: Sequence[int], seed: int, index: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(model: Any, prompts: Sequence[str], hints: np.ndarray | None, seed: int, *, ddim_steps: int = 20,
              guidance_scale: float = 9.0, batch_size: int = 16) -> np.ndarray:
-    """Sample one image per prompt, with its hint (or with none: `c_concat: None`), as (N, H, W, 3) in [0, 1].
+    """Sample one image per prompt, with its hint (or with none: the base model alone), as (N, H, W, 3) in [0, 1].
 
     DDIM with eta 0 from per-item noise (`item_noise`), so an item's image depends only on the model, its
     prompt, hint and index. The unconditional half of guidance keeps the hint and drops the prompt, as the
@@ -179,17 +179,15 @@ def generate(model: Any, prompts: Sequence[str], hints: np.ndarray | None, seed:
     if size % factor:
         raise ValueError(f"image size {size} is not a multiple of the first stage's factor {factor}")
     shape = (model.channels, size // factor, size // factor)
-    schedule = DDIMSchedule.make(model.alphas_cumprod, ddim_steps)
     images = []
     for start in range(0, len(prompts), batch_size):
         stop = min(start + batch_size, len(prompts))
         n = stop - start
         x = torch.stack([item_noise(shape, seed, i) for i in range(start, stop)]).to(device)
-        hint = None if hints is None else [torch.from_numpy(hints[start:stop]).permute(0, 3, 1, 2).float().to(device)]
-        cond = {"c_crossattn": [model.get_learned_conditioning(list(prompts[start:stop]))], "c_concat": hint}
-        uncond = {"c_crossattn": [model.get_learned_conditioning([""] * n)], "c_concat": hint}
-        denoiser = ClassifierFreeGuidance(model, cond, uncond, guidance_scale)
-        z = sample_ddim(denoiser, x, schedule, model.parameterization)
+        controls = [] if hints is None else [
+            Control(model.control_model, torch.from_numpy(hints[start:stop]).permute(0, 3, 1, 2).float().to(device))]
+        z = model.sample_latents(x, model.get_learned_conditioning(list(prompts[start:stop])), controls,
+                                 model.get_learned_conditioning([""] * n), guidance_scale, steps=ddim_steps)
         image = model.decode_first_stage(z)
         images.append(((image.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images)
@@ -423,10 +421,8 @@ def evaluate_checkpoint(config: str | Path, ckpt: str | Path, n: int, seed: int,
                         ddim_steps: int = 20, guidance_scale: float = 9.0, grid: Path | None = None
                         ) -> dict[str, float]:
     """Held-out Fill50K scores of a ControlLDM checkpoint, with and without its control."""
-    from cldm.model import create_model, load_state_dict
-
     model = create_model(config)
-    model.load_state_dict(load_state_dict(ckpt))
+    load_weights(model, ckpt)
     model.eval()
     heldout = fill50k_heldout(n, seed, size or model_image_size(model))
     controlled = generate(model, heldout.prompts, heldout.hints, seed, ddim_steps=ddim_steps,
@@ -450,13 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, default=None,
                         help="write a PNG: rows of hints, true images, samples with control, without (first 16)")
     args = parser.parse_args(argv)
-    from cldm.model import CheckpointError
-    from ldm.models.diffusion.ddpm import CheckpointMismatchError
-
     try:
         result = evaluate_checkpoint(args.config, args.ckpt, args.n, args.seed, args.size, args.ddim_steps,
                                      args.guidance_scale, args.grid)
-    except (CheckpointError, CheckpointMismatchError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"n={args.n} seed={args.seed} color_acc={result['color_acc']:.3f} "

@@ -1,13 +1,10 @@
-"""Control-aware denoisers: guidance windows, weights, guess mode, control modes and Multi-ControlNet.
+"""How control reaches the UNet: one ControlNet with its settings (`Control`), and the UNet with any number of them.
 
-Three small objects, each doing one thing:
-
-- `Control`: one ControlNet with its hint and its web-UI settings. It decides, per step, whether it runs
-  and with which scale for each of the 13 residuals (`n` in general), and on which rows of the batch.
-- `ControlledUNet`: the UNet plus any number of `Control`s; the residuals of all active controls are summed
-  elementwise and added once, which is how Multi-ControlNet combines models.
-- `ControlledCFG`: classifier-free guidance as a `Denoiser` (`denoiser(x, t, progress)`), running the
-  unconditional and conditional halves in one batched forward pass.
+`UNetWithControls` is the one path from (UNet, controls, conditioning) to a model output. Training
+(`ControlLDM.apply_model` in the loss), the original's `DDIMSampler`, image logging, fidelity scoring and the
+generation pipeline all run the UNet through it, so `control_scales`, `only_mid_control`, guess mode and every
+unit setting mean the same everywhere. It is a conditioned network in the sense of
+`ldm.models.diffusion.guidance`: `net(x, t, context, conditional=..., progress=...)`.
 
 Residual scales, with `w` the unit's weight, `n` residuals (13 for SD) and residual `i` counted from the
 first skip connection (`i = n - 1` is the middle block):
@@ -24,6 +21,9 @@ first skip connection (`i = n - 1` is the middle block):
 mode and "controlnet" give the same residuals; `guess_mode` wins over `control_mode` when both are set. The
 original's guess mode is meant to be used with an empty prompt, which is the caller's choice here.
 
+The residuals of all active controls are summed elementwise (Multi-ControlNet), then multiplied by the model's
+`control_scales` (the original's per-residual knob; all ones unless a script sets it).
+
 A control runs iff `guidance_start <= progress < guidance_end` and `weight != 0`, where progress is `i / N`
 at step `i` of `N` (0 at the first, noisiest step). Outside its window the ControlNet is not evaluated at
 all, and with no control active the UNet runs with `control=None`, so the output is exactly the plain
@@ -32,23 +32,30 @@ model's.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from cldm.cldm import guess_mode_scales
-from ldm.models.diffusion.ddpm import as_input_for
-from ldm.models.diffusion.guidance import combine_guidance
+from ldm.models.diffusion.guidance import Rows
+from ldm.modules.diffusionmodules.util import as_input_for
 
 ControlMode = Literal["balanced", "prompt", "controlnet"]
 CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "controlnet")
+#: Residual i of n in guess mode is scaled by GUESS_MODE_DECAY ** (n - 1 - i): coarse features count most.
+GUESS_MODE_DECAY = 0.825
 
 #: `unet(x, timesteps=t, context=c, control=residuals_or_None) -> model output`.
 UNet = Callable[..., torch.Tensor]
 #: `control_net(x=x, hint=h, timesteps=t, context=c) -> list of residuals`.
 ControlNetModule = Callable[..., list[torch.Tensor]]
+
+
+def guess_mode_scales(n: int = 13, strength: float = 1.0) -> list[float]:
+    """The original's guess-mode ("soft") control scales: `strength * 0.825 ** (12 - i)` for SD's 13."""
+    return [strength * GUESS_MODE_DECAY ** float(n - 1 - i) for i in range(n)]
 
 
 def _tile(tensor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -91,21 +98,23 @@ class Control:
         return [float(self.weight)] * n
 
     def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                  conditional: torch.Tensor) -> list[torch.Tensor] | None:
+                  conditional: Rows = True) -> list[torch.Tensor] | None:
         """Scaled residuals for the whole batch, or None when this control adds nothing to it.
 
-        `conditional[k]` says whether row k carries the prompt; a conditional-only control runs its
-        network on those rows alone and leaves zeros in the others.
+        `conditional` says which rows carry the prompt (see `ldm.models.diffusion.guidance`); a
+        conditional-only control runs its network on those rows alone and leaves zeros in the others.
         """
-        rows = conditional if self.conditional_only else torch.ones_like(conditional)
-        if not bool(rows.any()):
+        rows = conditional if self.conditional_only else True
+        if isinstance(rows, torch.Tensor) and bool(rows.all()):
+            rows = True
+        if rows is False or (isinstance(rows, torch.Tensor) and not bool(rows.any())):
             return None
-        hint = _tile(self.hint.to(device=x.device, dtype=x.dtype), x.shape[0])
-        everyone = bool(rows.all())
-        picked = (x, hint, t, context) if everyone else (x[rows], hint[rows], t[rows], context[rows])
+        x, context = as_input_for(self.net, x), as_input_for(self.net, context)
+        hint = _tile(as_input_for(self.net, self.hint.to(device=x.device, dtype=x.dtype)), x.shape[0])
+        picked = (x, hint, t, context) if rows is True else (x[rows], hint[rows], t[rows], context[rows])
         raw = self.net(x=picked[0], hint=picked[1], timesteps=picked[2], context=picked[3])
         scaled = [r * s for r, s in zip(raw, self.scales(len(raw)))]
-        if everyone:
+        if rows is True:
             return scaled
         full = []
         for r in scaled:
@@ -115,20 +124,26 @@ class Control:
         return full
 
 
-class ControlledUNet:
-    """The UNet with the summed residuals of every control active at this step.
+class UNetWithControls:
+    """The UNet with the summed residuals of every control active at a step: a conditioned network.
 
-    Called as `(x, t, context, conditional, progress)`; `conditional` is a bool per row (see
-    `Control.residuals`).
+    `residual_scales` multiplies residual i of the sum (the model's `control_scales`); `autocast` is entered
+    around the whole call (the model's frozen-weight autocast, for parts held in another dtype). The output has
+    the dtype of `x` (the sampler's), whatever dtype the networks run in.
     """
 
-    def __init__(self, unet: UNet, controls: Sequence[Control] = (), only_mid_control: bool = False) -> None:
+    def __init__(self, unet: UNet, controls: Sequence[Control] = (), *, only_mid_control: bool = False,
+                 residual_scales: Sequence[float] | None = None,
+                 autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext) -> None:
         self.unet = unet
         self.controls = tuple(controls)
         self.only_mid_control = only_mid_control
+        self.residual_scales = (None if residual_scales is None or all(s == 1.0 for s in residual_scales)
+                                else tuple(residual_scales))
+        self.autocast = autocast
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: torch.Tensor,
-                  progress: float) -> list[torch.Tensor] | None:
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: Rows = True,
+                  progress: float = 0.0) -> list[torch.Tensor] | None:
         total: list[torch.Tensor] | None = None
         for control in self.controls:
             if not control.is_active(progress):
@@ -137,44 +152,15 @@ class ControlledUNet:
             if residuals is None:
                 continue
             total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
+        if total is not None and self.residual_scales is not None:
+            total = [r * s for r, s in zip(total, self.residual_scales)]
         return total
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: torch.Tensor,
-                 progress: float) -> torch.Tensor:
-        sampler_dtype = x.dtype
-        x, context = as_input_for(self.unet, x), as_input_for(self.unet, context)  # half-precision networks
-        control = self.residuals(x, t, context, conditional, progress)
-        extra: dict[str, Any] = {"only_mid_control": True} if self.only_mid_control and control else {}
-        return self.unet(x, timesteps=t, context=context, control=control, **extra).to(sampler_dtype)
-
-
-class ControlledCFG:
-    """`uncond + scale * (cond - uncond)` over a `ControlledUNet`, as a `Denoiser`.
-
-    Both halves go through one forward pass (batch `[uncond; cond]`) unless `batched=False`; with
-    `scale == 1` or no unconditional context only the conditional half runs. `cond`/`uncond` are text
-    contexts with the same batch as `x`.
-    """
-
-    def __init__(self, model: ControlledUNet, cond: torch.Tensor, uncond: torch.Tensor | None = None,
-                 scale: float = 1.0, batched: bool = True) -> None:
-        self.model = model
-        self.cond = cond
-        self.uncond = uncond
-        self.scale = scale
-        self.batched = batched
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
-        n = x.shape[0]
-        yes = torch.ones(n, dtype=torch.bool, device=x.device)
-        if self.uncond is None or self.scale == 1.0:
-            return self.model(x, t, self.cond, yes, progress)
-        if self.batched:
-            mask = torch.cat([~yes, yes])
-            both = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.uncond, self.cond]), mask,
-                              progress)
-            out_uncond, out_cond = both.chunk(2)
-        else:
-            out_uncond = self.model(x, t, self.uncond, ~yes, progress)
-            out_cond = self.model(x, t, self.cond, yes, progress)
-        return combine_guidance(out_uncond, out_cond, self.scale)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: Rows = True,
+                 progress: float = 0.0) -> torch.Tensor:
+        with self.autocast():
+            control = self.residuals(x, t, context, conditional, progress)
+            extra: dict[str, Any] = {"only_mid_control": True} if self.only_mid_control and control else {}
+            out = self.unet(as_input_for(self.unet, x), timesteps=t, context=as_input_for(self.unet, context),
+                            control=control, **extra)
+        return out.to(x.dtype)

@@ -1,0 +1,406 @@
+"""Checkpoint files and what they hold: the one place for prefixes, base families, reading, writing, fit checks and
+control-weight extraction. `load_state_dict`, `ControlLDM.load_state_dict`, both tools, training and the generation
+pipeline use it, so a file is read, judged and explained the same way everywhere.
+
+Reading is safe: pickled files load with `weights_only=True`, and every bad file is a one-line `CheckpointError`
+naming it. Writing is atomic: a temporary file in the destination's folder, flushed to disk (fsync), then moved
+into place, so OUTPUT is either absent or complete; an existing file is never replaced unless asked, because tools
+that derive one checkpoint from another must not destroy a user's weights by a typo.
+
+A base *family* (SD1.x, SD2.x) is told by the text width of the UNet's cross-attention; `FAMILIES` names the
+bundled config that builds each, so errors say "use models/cldm_v21.yaml" instead of failing on the first of
+hundreds of mismatched shapes. Bundled configs resolve from the package's own folder, not the working directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# ----- errors ------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that is missing, unreadable, truncated or not a model checkpoint."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint that does not fit the model built from the config (or another checkpoint)."""
+
+
+# ----- layout ------------------------------------------------------------------------------------------------
+#: Key prefixes of the parts of a ControlLDM checkpoint.
+UNET_PREFIX = "model.diffusion_model."
+CONTROL_PREFIX = "control_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+#: Submodules only a ControlNet has: a file holding them without a prefix is a control-only checkpoint.
+CONTROL_ONLY_PARTS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
+#: The first cross-attention key of SD1.x/2.x UNets and ControlNets; its input width is the text width.
+CROSS_ATTN_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+#: Extensions that `save_state_dict` writes with `torch.save` (the others: `.safetensors`).
+TORCH_SUFFIXES = (".ckpt", ".pth", ".pt")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+# ----- families ----------------------------------------------------------------------------------------------
+#: The bundled configs (`models/*.yaml`), beside the packages.
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A Stable Diffusion base family: its name, the text width of its cross-attention, its bundled config."""
+
+    name: str
+    context_dim: int
+    config_name: str
+
+    @property
+    def config(self) -> Path:
+        return MODELS_DIR / self.config_name
+
+
+FAMILIES = (Family("SD1.x", 768, "cldm_v15.yaml"), Family("SD2.x", 1024, "cldm_v21.yaml"))
+
+
+def family_of(context_dim: int | None) -> Family | None:
+    return next((f for f in FAMILIES if f.context_dim == context_dim), None)
+
+
+def display_path(path: str | Path) -> str:
+    """A path as a user in the current folder would type it: relative when it is below it."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def context_dim_of(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int | None:
+    """Text width that a UNet's or ControlNet's weights under `prefix` were trained with (768 SD1.x, 1024 SD2.x)."""
+    weight = state_dict.get(prefix + CROSS_ATTN_KEY)
+    if weight is None:
+        weight = next((v for k, v in state_dict.items()
+                       if k.startswith(prefix) and k.endswith(".attn2.to_k.weight")), None)
+    return None if weight is None or weight.dim() != 2 else int(weight.shape[1])
+
+
+def describe_family(context_dim: int | None) -> str:
+    """`an SD1.x model (text width 768)`: how errors name a checkpoint's family."""
+    family = family_of(context_dim)
+    return f"an {family.name} model (text width {context_dim})" if family else f"a model with text width {context_dim}"
+
+
+def advice_for_width(width: int) -> str:
+    family = family_of(width)
+    return f"use {display_path(family.config)}" if family else f"use a config with context_dim {width}"
+
+
+def config_for_unet(state_dict: Mapping[str, torch.Tensor], prefix: str, label: str) -> str:
+    """The bundled config whose UNet has the text width of the checkpoint's (768: v15, 1024: v21)."""
+    width = context_dim_of(state_dict, prefix)
+    if width is None:
+        raise CheckpointError(f"{label}: cannot tell the Stable Diffusion version (no {prefix}"
+                              "...attn2.to_k weight): pass --config")
+    family = family_of(width)
+    if family is None:
+        raise CheckpointError(f"{label}: {describe_family(width)}, which no bundled config builds: pass --config")
+    return display_path(family.config)
+
+
+def check_family(state_dict: Mapping[str, torch.Tensor], prefix: str, want: int | None, label: str,
+                 config: str | Path) -> None:
+    """Weights under `prefix` of one family do not fit a config of another: say so, and which config fits."""
+    have = context_dim_of(state_dict, prefix)
+    if have is not None and want is not None and have != want:
+        raise CheckpointMismatchError(f"{label}: is {describe_family(have)} but {config} builds "
+                                      f"{describe_family(want)}: {advice_for_width(have)}")
+
+
+# ----- reading -----------------------------------------------------------------------------------------------
+def get_state_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Unwrap Lightning's and the original's `{'state_dict': ...}` container."""
+    return d.get("state_dict", d)
+
+
+def load_state_dict(ckpt_path: str | Path, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read the tensors of a `.ckpt`/`.pth` (safely: `weights_only=True`) or `.safetensors` file."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device=str(location))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+    else:
+        try:
+            state = torch.load(path, map_location=location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{path}: {_unpickling_problem(str(err))}") from err
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line})") from err
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    state = get_state_dict(state)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: contains no tensors")
+    return tensors
+
+
+def _unpickling_problem(message: str) -> str:
+    """Say in plain words why a weights-only load refused a file (torch's message is long and styled)."""
+    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if refused:
+        return (f"holds a pickled object ({refused.group(1)}) besides tensors, which a weights-only load "
+                "refuses; only load such a file if you trust it, and re-save its state dict")
+    if "invalid load key" in message or "could not find MARK" in message:
+        return "not a checkpoint (neither a PyTorch zip archive nor a pickle)"
+    return "not a readable checkpoint (the pickle inside is damaged)"
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Any:
+    """Read `path` and load it into `model`; a misfit is one line that names the file."""
+    state = load_state_dict(path)
+    try:
+        return model.load_state_dict(state, strict=strict)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{path}: {err}") from err
+
+
+# ----- writing -----------------------------------------------------------------------------------------------
+def check_output_path(path: str | Path) -> Path:
+    """Fail before any work is done when OUTPUT cannot be written: it exists, or its type is unknown."""
+    out = Path(path)
+    if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+        raise ValueError(f"{out}: unknown checkpoint extension {out.suffix!r} (use .ckpt, .pth or .safetensors)")
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite it (choose another name)")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: output folder does not exist")
+    return out
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `state_dict` to PATH atomically: `.ckpt`/`.pth` as `{"state_dict": sd}`, else `.safetensors`.
+
+    Without `overwrite` an existing PATH is kept and `FileExistsError` raised, also when another process
+    creates it while this one is writing (the final step is a hard link, which refuses to replace).
+    """
+    out = Path(path)
+    if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+        raise ValueError(f"{out}: unknown checkpoint extension {out.suffix!r} (use .ckpt, .pth or .safetensors)")
+    if not overwrite and out.exists():
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite it")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if out.suffix == SAFETENSORS_SUFFIX:
+            _write_safetensors(state_dict, tmp)
+        else:
+            torch.save({"state_dict": dict(state_dict)}, tmp)
+        _fsync_file(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
+        _move_into_place(tmp, out, overwrite)
+        _fsync_dir(out.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes as stored (before any decoding), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_short(path: str | Path, length: int = 10) -> str:
+    """First `length` hex digits of a file's SHA-256: enough to tell checkpoints apart in logs and reports."""
+    return file_sha256(path)[:length]
+
+
+def _write_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+    """safetensors stores neither views nor tensors sharing memory: give each its own contiguous copy."""
+    from safetensors.torch import save_file
+
+    seen: set[tuple[int, int]] = set()
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        t = tensor.detach()
+        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) if t.numel() else None
+        if storage is not None and storage in seen:
+            t = t.clone()
+        elif storage is not None:
+            seen.add(storage)
+        tensors[key] = t.contiguous()
+    save_file(tensors, str(path))
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, out)
+        return
+    try:
+        os.link(tmp, out)  # atomic and never replaces an existing file
+    except FileExistsError as err:
+        raise FileExistsError(f"{out}: already exists; refusing to overwrite it") from err
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if out.exists():  # a file system without hard links: check, then rename
+            raise FileExistsError(f"{out}: already exists; refusing to overwrite it") from err
+        os.replace(tmp, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the new directory entry too; some platforms cannot open a folder, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ----- what a state dict holds -------------------------------------------------------------------------------
+def key_group(key: str) -> str:
+    """The part a key belongs to, as a glob: `control_model.zero_convs.*`, `model_ema.*`, `betas`."""
+    parts = key.split(".")
+    depth = {"model": 3, "model_ema": 1}.get(parts[0], 2)
+    if len(parts) <= depth:
+        return key
+    return ".".join(parts[:depth]) + ".*"
+
+
+def key_groups(keys: Iterable[str]) -> dict[str, int]:
+    """How many keys each part has, in first-seen order: a summary short enough to print."""
+    return dict(Counter(key_group(k) for k in keys))
+
+
+def shape_mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor],
+                     keys: Iterable[str]) -> list[str]:
+    """Keys that both hold but with different shapes, each as `key [have] vs [want]`."""
+    return [f"{k} {list(state_dict[k].shape)} vs {list(expected[k].shape)}" for k in keys
+            if k in state_dict and k in expected and state_dict[k].shape != expected[k].shape]
+
+
+def has_control(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict holds ControlNet weights, with the `control_model.` prefix or as a control-only file."""
+    return any(k.startswith((CONTROL_PREFIX, *CONTROL_ONLY_PARTS)) for k in state_dict)
+
+
+def has_unet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(UNET_PREFIX) for k in state_dict)
+
+
+def control_weights(state_dict: Mapping[str, torch.Tensor], label: str | Path) -> dict[str, torch.Tensor]:
+    """The ControlNet's weights, without prefix, from a full ControlLDM checkpoint or a control-only file."""
+    prefixed = {k[len(CONTROL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+    if prefixed:
+        return prefixed
+    if any(k.startswith(CONTROL_ONLY_PARTS) for k in state_dict):
+        return dict(state_dict)
+    what = ("a plain Stable Diffusion checkpoint without ControlNet weights" if has_unet(state_dict)
+            else "no ControlNet weights")
+    raise CheckpointError(f"{label}: holds {what} (no control_model.*, input_hint_block.* or zero_convs.* keys): "
+                          "not a ControlNet")
+
+
+def check_is_sd(state_dict: Mapping[str, torch.Tensor], label: str | Path) -> None:
+    """A plain Stable Diffusion checkpoint in the original layout: a UNet, and no ControlNet yet."""
+    if has_control(state_dict):
+        raise CheckpointError(f"{label}: already has ControlNet weights: it is already a ControlNet "
+                              "checkpoint (give a plain Stable Diffusion checkpoint)")
+    if not has_unet(state_dict):
+        raise CheckpointError(f"{label}: has no model.diffusion_model.* weights: not a Stable Diffusion "
+                              "checkpoint in the original layout")
+
+
+def check_fits(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str,
+               config: str | Path, keys: Iterable[str]) -> None:
+    """Every one of `keys` of the config's model must be in the checkpoint, with its shape (family first)."""
+    check_family(state_dict, UNET_PREFIX, context_dim_of(expected, UNET_PREFIX), label, config)
+    keys = list(keys)
+    wrong = shape_mismatches(state_dict, expected, keys)
+    if wrong:
+        raise CheckpointMismatchError(f"{label}: {len(wrong)} weights do not fit {config} (e.g. {wrong[0]})")
+    missing = [k for k in keys if k not in state_dict]
+    if missing:
+        raise CheckpointMismatchError(f"{label}: lacks {len(missing)} weights that {config} needs "
+                                      f"({', '.join(key_groups(missing))}; e.g. {missing[0]})")
+
+
+def check_control_fits(control: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], label: str,
+                       config: str | Path) -> None:
+    """ControlNet weights (no prefix) must be exactly those of the config's ControlNet (`expected`, no prefix)."""
+    check_family(control, "", context_dim_of(expected, ""), label, config)
+    missing = [k for k in expected if k not in control]
+    extra = [k for k in control if k not in expected]
+    wrong = shape_mismatches(control, expected, expected)
+    for problem, keys in (("lacks", missing), ("has unknown", extra), ("has wrongly shaped", wrong)):
+        if keys:
+            raise CheckpointMismatchError(f"{label}: {problem} ControlNet weights for {config}: "
+                                          f"{len(keys)} (e.g. {keys[0]})")
+
+
+def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
+    """One line saying why a checkpoint does not fit `model`, and what to use instead."""
+    expected = nn.Module.state_dict(model)  # not a subclass override that may initialise weights first
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
+    for prefix in (UNET_PREFIX, CONTROL_PREFIX):
+        have, want = context_dim_of(state_dict, prefix), context_dim_of(expected, prefix)
+        if have is not None and want is not None and have != want:
+            return f"checkpoint is {describe_family(have)} but the config builds text width {want}: " \
+                   f"{advice_for_width(have)}"
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing and not any(k.startswith(CONTROL_PREFIX) for k in state_dict) \
+            and all(k.startswith(CONTROL_PREFIX) for k in missing):
+        return ("checkpoint has no ControlNet weights (control_model.*): it is a plain Stable Diffusion "
+                "checkpoint; make one with tool_add_control.py, or load it with strict=False")
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            parts.append(f"{len(keys)} {label} (e.g. {keys[0]}; {', '.join(key_groups(keys))})")
+    return "checkpoint does not fit this config: " + "; ".join(parts)
