@@ -16,7 +16,7 @@ GFLOP per image and % of the fp32 matmul peak, peak RSS. FLOPs are counted on 2-
 double as warm-up) and extrapolated: F(20) = F(2) + 9 * (F(4) - F(2)), exact for both the plain and the
 windowed schedules since each pair of steps holds one step of each half.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_generate.py --contenders ours ours-window diffusers
+    .venv/bin/python -m benchmarks.bench_generate --contenders ours ours-window diffusers
 """
 
 from __future__ import annotations
@@ -62,24 +62,10 @@ def circle_hint(size: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.repeat(ring[None, None].astype(np.float32), 3, axis=1))
 
 
-class ControlWindow:
-    """Denoiser that uses the ControlNet only while sampling progress is below `end`.
-
-    Stands in for a generation module's control window: outside it, the condition has `c_concat: None`,
-    which ControlLDM.apply_model treats as "no control" and so skips the ControlNet forward entirely.
-    """
-
-    def __init__(self, controlled: Any, plain: Any, end: float) -> None:
-        self.controlled, self.plain, self.end = controlled, plain, end
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, progress: float = 0.0) -> torch.Tensor:
-        return (self.controlled if progress < self.end else self.plain)(x, t, progress)
-
-
 def build_ours(window: bool, channels_last: bool, size: int, seed: int, config: str) -> Generate:
+    from cldm.control import Control
     from cldm.model import create_model
-    from ldm.models.diffusion.ddim import DDIMSampler, DDIMSchedule, sample_ddim
-    from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+    from ldm.models.diffusion.ddim import DDIMSampler
 
     model = create_model(config)
     model.materialize()
@@ -99,14 +85,10 @@ def build_ours(window: bool, channels_last: bool, size: int, seed: int, config: 
                                                    x_T=x_T, unconditional_guidance_scale=GUIDANCE,
                                                    unconditional_conditioning=uncond,
                                                    callback=lambda i: on_step())
-        else:
-            denoiser = ControlWindow(
-                ClassifierFreeGuidance(model, cond, uncond, GUIDANCE),
-                ClassifierFreeGuidance(model, {**cond, "c_concat": None}, {**uncond, "c_concat": None}, GUIDANCE),
-                WINDOW_END)
-            schedule = DDIMSchedule.make(model.alphas_cumprod, steps, eta=0.0)
-            samples = sample_ddim(denoiser, x_T, schedule, model.parameterization,
-                                  callback=lambda i, x, x0: on_step())
+        else:  # the unit setting guidance_end: outside its window the ControlNet does not run at all
+            control = Control(model.control_model, hint, guidance_end=WINDOW_END)
+            samples = model.sample_latents(x_T, context[:1], [control], context[1:], GUIDANCE, steps=steps,
+                                           callback=lambda i, x, x0: on_step())
         return model.decode_first_stage(samples)
 
     return generate

@@ -2,7 +2,7 @@
 
 Run on a CUDA machine (nothing is downloaded; both contenders have random weights):
 
-    PYTHONPATH=. python -m benchmarks.bench_gpu --out benchmarks/results/gpu.json
+    python -m benchmarks.bench_gpu --out benchmarks/results/gpu.json
 
 Each measurement runs in its own process, so `torch.cuda.max_memory_allocated` is its own. Training
 contenders do diffusers' `train_controlnet.py --mixed_precision bf16` step: the frozen UNet, VAE and text

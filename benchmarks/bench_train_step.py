@@ -23,10 +23,10 @@ skips because their activations are small).
 
 Examples::
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_train_step.py --contenders ours diffusers --rounds 2
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_train_step.py --mode loop --steps 6 \\
+    .venv/bin/python -m benchmarks.bench_train_step --contenders ours diffusers --rounds 2
+    .venv/bin/python -m benchmarks.bench_train_step --mode loop --steps 6 \\
         --contenders ours ours-cached diffusers
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_train_step.py --child ours --profile /tmp/ours.txt
+    .venv/bin/python -m benchmarks.bench_train_step --child ours --profile /tmp/ours.txt
 """
 
 from __future__ import annotations
@@ -216,12 +216,13 @@ def loop_batches(contender: Contender, model: Any, data: Path, size: int, cache_
     dataset: Any = ControlDataset(data, size=size)
     info: dict[str, Any] = {}
     if contender.cached:
-        from training.cache import CachedDataset, build_cache, model_fingerprint
+        from training.cache import CachedDataset, build_cache, cached_batch_encoder, model_fingerprint
 
         start = time.perf_counter()
         report = build_cache(model, dataset, cache_dir, batch_size=4)
         info = {"cache_build_s": time.perf_counter() - start, "cache_report": report.as_dict()}
         dataset = CachedDataset(dataset, cache_dir, model_fingerprint(model))
+        model.batch_encoder = cached_batch_encoder
 
     def forever() -> Iterator[Batch]:
         epoch = 0

@@ -138,9 +138,7 @@ def run_child(module: str, args: Sequence[str], timeout_s: float = 3600.0) -> di
 
     The child's other output is passed through, so progress stays visible in the parent's log.
     """
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, text=True,
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, text=True,
                           stdout=subprocess.PIPE, timeout=timeout_s, check=False)
     result = None
     for line in proc.stdout.splitlines():

@@ -6,7 +6,6 @@ cd "$(dirname "$0")/.."
 THREADS="${1:-1}"
 OUT=benchmarks/results
 mkdir -p "$OUT"
-export PYTHONPATH=.
 PY=.venv/bin/python
 $PY -m benchmarks.bench_train_step --threads "$THREADS" --rounds 2 --steps 4 --warmup 2 \
     --contenders ours+fused diffusers ours ours+fused+ckpt ours+fused+ckptall diffusers+ckpt \

@@ -13,6 +13,7 @@ from cldm.control import GUESS_MODE_DECAY, Control, UNetWithControls, guess_mode
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+from ldm.models.diffusion.sampling import StepCallback
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
 from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
 from ldm.util import instantiate_from_config, log_txt_as_img
@@ -239,16 +240,17 @@ class ControlLDM(LatentDiffusion):
                        uncond_context: torch.Tensor | None = None, guidance_scale: float = 1.0, *,
                        sampler: str = "ddim", steps: int = 20, eta: float = 0.0,
                        generator: torch.Generator | None = None, batched_guidance: bool = True,
-                       progress: bool = False) -> torch.Tensor:
+                       callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
         """Latents sampled from `noise` under classifier-free guidance, steered by `controls`.
 
-        `context`/`uncond_context` are the prompt's and the negative prompt's embeddings, batched like `noise`.
+        `context`/`uncond_context` are the prompt's and the negative prompt's embeddings, batched like `noise`;
+        `callback(i, x, x0)` sees each step.
         """
         guided = ClassifierFreeGuidance(self.controlled_unet(controls), context, uncond_context, guidance_scale,
                                         batched=batched_guidance)
         return sampling.sample(guided, noise, alphas_cumprod=self.alphas_cumprod,
                                parameterization=self.parameterization, sampler=sampler, steps=steps, eta=eta,
-                               generator=generator, progress=progress)
+                               generator=generator, callback=callback, progress=progress)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, n: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -74,6 +75,7 @@ def test_pretraining_is_reproducible_and_saves_sd_keys_only() -> None:
     assert "alphas_cumprod" in first
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     """`demo.py --quick` runs every stage as a subprocess, the way `make demo` does, at smoke-test length.
 

@@ -99,6 +99,7 @@ def test_refuses_non_empty_dir_unless_overwrite(tmp_path: Path) -> None:
     assert (out / "keep.txt").exists() and len((out / "prompt.json").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_cli_refusal_is_one_line(tmp_path: Path) -> None:
     out = tmp_path / "set"
     command = [sys.executable, str(REPO / "training" / "make_fill50k.py"), "--out", str(out)]

@@ -384,6 +384,7 @@ def test_cli_bad_inputs_give_one_line(files: dict[str, Path], tmp_path: Path, ca
     assert not (tmp_path / "out.png").exists()
 
 
+@pytest.mark.slow
 def test_cli_missing_image_in_a_subprocess(files: dict[str, Path], tmp_path: Path) -> None:
     argv = cli_base(files, tmp_path / "out.png") + ["--image", str(tmp_path / "nowhere.png")]
     proc = subprocess.run([sys.executable, "-m", "cldm.generate", *argv], cwd=REPO, capture_output=True, text=True,

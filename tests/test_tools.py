@@ -151,6 +151,7 @@ def test_add_control_needs_config_for_unknown_width_and_a_vae(tiny_sd: SD, tmp_p
     assert "lacks" in message and "first_stage_model." in message
 
 
+@pytest.mark.slow
 def test_add_control_command_line(sd_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "control.pth"
     command = [sys.executable, "tool_add_control.py", str(sd_file), str(out), "--config", TINY]

@@ -49,6 +49,7 @@ def run_train(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_then_resume_equals_uninterrupted_run(workspace: Path) -> None:
     """The whole path: train 4 steps; and 2 steps, stop, resume to 4: the same weights bit for bit."""
     full, part = workspace / "full", workspace / "part"
@@ -76,6 +77,7 @@ def test_train_then_resume_equals_uninterrupted_run(workspace: Path) -> None:
     create_model(TINY).load_state_dict(load_state_dict(full / "last.ckpt"))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace: Path) -> None:
     out = workspace / "nan"
     result = run_train(train_args(workspace, out, "--max_steps", "20", "--save_every", "1",
@@ -88,6 +90,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(workspace: P
     assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_bf16_training_holds_frozen_weights_in_bf16_and_saves_them_exactly(workspace: Path) -> None:
     """--precision bf16-mixed holds the locked SD in bf16 (auto); last.ckpt still has the fp32 SD weights."""
     out = workspace / "bf16"
@@ -101,6 +104,7 @@ def test_bf16_training_holds_frozen_weights_in_bf16_and_saves_them_exactly(works
     assert moved and all(k.startswith("control_model.") for k in moved)
 
 
+@pytest.mark.slow
 def test_half_frozen_weights_need_mixed_precision(workspace: Path, tmp_path: Path) -> None:
     import tutorial_train
 
@@ -109,6 +113,7 @@ def test_half_frozen_weights_need_mixed_precision(workspace: Path, tmp_path: Pat
     assert "--precision bf16-mixed" in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_initial_checkpoint_and_data_say_how_to_make_them(workspace: Path, tmp_path: Path) -> None:
     import tutorial_train
 
@@ -150,6 +155,7 @@ class _RecordWeights(pl.Callback):
         torch.save(weights, self.folder / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights(workspace: Path, tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 
