@@ -29,10 +29,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from cldm.model import load_config
+from ldm.errors import DEBUG_HELP, OutputExistsError, UserError, command_line
+from ldm.util import settings_from
 
 ROOT = Path(__file__).resolve().parent
 MARKER = ".made_by_demo"
@@ -64,12 +68,8 @@ QUICK = dict(data_n=64, batch_size=4, max_steps=4, logger_freq=4, fidelity_every
 
 
 def load_settings(config: Path, quick: bool) -> DemoSettings:
-    section = OmegaConf.to_container(OmegaConf.load(config).get("demo") or {})
-    known = {f.name for f in fields(DemoSettings)}
-    unknown = set(section) - known
-    if unknown:
-        raise ValueError(f"{config}: unknown demo settings {', '.join(sorted(unknown))}")
-    settings = replace(DemoSettings(), **section)
+    section = OmegaConf.to_container(load_config(config).get("demo") or {})
+    settings = settings_from(DemoSettings, section, f"{config}: demo")
     return replace(settings, **QUICK) if quick else settings
 
 
@@ -79,7 +79,7 @@ def run(stage: str, args: list[str], env: dict[str, str]) -> float:
     start = time.time()
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env)
     if result.returncode != 0:
-        raise SystemExit(f"error: {stage} failed (exit status {result.returncode}); see its output above")
+        raise UserError(f"{stage} failed (exit status {result.returncode}); see its output above")
     seconds = time.time() - start
     print(f"-- {stage}: {seconds:.0f}s", flush=True)
     return seconds
@@ -89,14 +89,15 @@ def fresh_dir(path: Path) -> None:
     """Empty `path` for a new run, but only if this script made it (a marker file says so)."""
     if path.exists() and any(path.iterdir()):
         if not (path / MARKER).is_file():
-            raise SystemExit(f"error: {path} exists and was not made by demo.py; choose another --out")
+            raise OutputExistsError(f"{path} exists and was not made by demo.py; choose another --out")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / MARKER).write_text("made by demo.py; removed and remade by the next run\n")
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=DEBUG_HELP)
     parser.add_argument("--config", type=Path, default=Path("configs/demo_fill50k.yaml"))
     parser.add_argument("--base_config", type=Path, default=Path("configs/base_fill50k.yaml"))
     parser.add_argument("--base", type=Path, default=None,
@@ -110,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                              "something else keeps the cores busy: oversubscribed threads run several times slower)")
     parser.add_argument("--quick", action="store_true", help="smoke-test lengths: checks the pipeline, not quality")
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings(args.config, args.quick)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"error: {err}") from None
+    settings = load_settings(args.config, args.quick)
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(args.threads or os.environ.get("OMP_NUM_THREADS") or min(os.cpu_count() or 1, 4))
     s, out = settings, args.out

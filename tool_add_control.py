@@ -25,25 +25,27 @@ from torch import nn
 from cldm.checkpoint import (
     CONTROL_PREFIX,
     UNET_PREFIX,
-    CheckpointError,
+    check_control_fits,
     check_fits,
     check_is_sd,
     check_output_path,
     config_for_unet,
+    control_weights,
     key_groups,
     load_state_dict,
     save_state_dict,
+    unet_weights,
 )
 from cldm.model import create_model
+from ldm.errors import DEBUG_HELP, command_line
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
-
-#: Failures that are the user's input, reported as one line by `main`.
-USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def add_control(input_path: str | Path, output_path: str | Path, config_path: str | Path | None = None,
-                seed: int = 0) -> dict[str, Any]:
-    """Write OUTPUT, a ControlLDM checkpoint whose ControlNet is initialised from INPUT's UNet.
+                seed: int = 0, control_path: str | Path | None = None) -> dict[str, Any]:
+    """Write OUTPUT, a ControlLDM checkpoint whose ControlNet is initialised from INPUT's UNet, or, with
+    `control_path`, is that file's ControlNet (any layout: full, control-only, diffusers, difference over INPUT), to
+    continue training an existing control on INPUT.
 
     The fresh parts (the hint block) are drawn from `seed`, so the same input and seed give the same
     checkpoint, and a training run from it is reproducible end to end; the caller's RNG is left untouched.
@@ -61,6 +63,15 @@ def add_control(input_path: str | Path, output_path: str | Path, config_path: st
     check_fits(sd, expected, str(input_path), config, sd_keys)
     weights, copied, new = _plan(sd, expected)
     from_input = len(weights) - len(copied)
+    from_control = 0
+    if control_path is not None:
+        control = control_weights(load_state_dict(control_path), control_path, unet_weights(sd))
+        check_control_fits(control, {k[len(CONTROL_PREFIX):]: v for k, v in expected.items()
+                                     if k.startswith(CONTROL_PREFIX)}, str(control_path), config)
+        for key in [k for k in weights if k.startswith(CONTROL_PREFIX)]:
+            del weights[key]
+        weights.update({CONTROL_PREFIX + k: v.to(expected[CONTROL_PREFIX + k].dtype) for k, v in control.items()})
+        from_control, copied, new = len(control), [], []
     ignored = [k for k in sd if k not in expected]
     # `assign` makes INPUT's tensors the model's own (no 4 GB copy); only what `weights` lacks is initialised
     with torch.random.fork_rng(devices=[]):
@@ -71,9 +82,10 @@ def add_control(input_path: str | Path, output_path: str | Path, config_path: st
     save_state_dict(state, out)
     return {
         "input": str(input_path), "output": str(out), "config": config,
-        "from_input": from_input, "copied_to_control": len(copied),
+        "from_input": from_input, "copied_to_control": len(copied), "from_control": from_control,
+        "control": None if control_path is None else str(control_path),
         "new": len(new), "new_groups": key_groups(new),
-        "schedule_from_config": len(expected) - from_input - len(copied) - len(new),
+        "schedule_from_config": len(expected) - from_input - len(copied) - len(new) - from_control,
         "ignored": len(ignored), "ignored_groups": key_groups(ignored),
     }
 
@@ -105,21 +117,22 @@ def _plan(sd: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
     return weights, copied, new
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Make a ControlNet training checkpoint from a Stable Diffusion "
-                                                 "checkpoint: the ControlNet starts as a copy of the UNet encoder.")
+    parser = argparse.ArgumentParser(epilog=DEBUG_HELP, description=(
+        "Make a ControlNet training checkpoint from a Stable Diffusion "
+        "checkpoint: the ControlNet starts as a copy of the UNet encoder."))
     parser.add_argument("input", help="Stable Diffusion checkpoint (.ckpt, .pth or .safetensors)")
     parser.add_argument("output", help="checkpoint to write (.ckpt, .pth or .safetensors); must not exist")
     parser.add_argument("--config", default=None,
                         help="model config (default: models/cldm_v15.yaml or models/cldm_v21.yaml, "
                              "from the checkpoint's text width)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh hint-block weights (default 0)")
+    parser.add_argument("--control", default=None,
+                        help="start from this ControlNet instead (any layout: full or control-only checkpoint, "
+                             "diffusers folder, difference file over INPUT): to train an existing control further")
     args = parser.parse_args(argv)
-    try:
-        report = add_control(args.input, args.output, args.config, seed=args.seed)
-    except USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
-    _print_report(report)
+    _print_report(add_control(args.input, args.output, args.config, seed=args.seed, control_path=args.control))
     return 0
 
 
@@ -127,8 +140,11 @@ def _print_report(report: Mapping[str, Any]) -> None:
     print(f"config: {report['config']}")
     print(f"taken from the input: {report['from_input']} weights; copied from the UNet into the ControlNet: "
           f"{report['copied_to_control']}")
-    print(f"new (fresh initialisation, zero convs at zero): {report['new']} weights in "
-          + ", ".join(f"{group} ({n})" for group, n in report["new_groups"].items()))
+    if report["from_control"]:
+        print(f"ControlNet taken from {report['control']}: {report['from_control']} weights")
+    else:
+        print(f"new (fresh initialisation, zero convs at zero): {report['new']} weights in "
+              + ", ".join(f"{group} ({n})" for group, n in report["new_groups"].items()))
     if report["schedule_from_config"]:
         print(f"schedule buffers computed from the config: {report['schedule_from_config']}")
     if report["ignored"]:

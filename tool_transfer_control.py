@@ -51,11 +51,11 @@ from cldm.checkpoint import (
     key_groups,
     load_state_dict,
     save_state_dict,
+    unet_weights,
 )
 from cldm.model import create_model
+from ldm.errors import DEBUG_HELP, command_line
 from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS
-
-USER_ERRORS = (CheckpointError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def transfer_control(base: str | Path, control: str | Path, target: str | Path, out: str | Path,
@@ -70,7 +70,7 @@ def transfer_control(base: str | Path, control: str | Path, target: str | Path, 
     target_sd = _load_sd(target, "TARGET")
     _check_same_family(base_sd, target_sd, base, target)
     control_sd = load_state_dict(control)
-    ctrl = control_weights(control_sd, f"{control}: CONTROL")
+    ctrl = control_weights(control_sd, f"{control}: CONTROL", unet_weights(base_sd))
     _check_control_family(ctrl, base_sd, control, base)
     config = str(config_path) if config_path is not None else config_for_unet(base_sd, UNET_PREFIX, str(base))
     expected = dict(nn.Module.state_dict(create_model(config)))  # names, shapes and the computed schedule
@@ -169,9 +169,11 @@ def _offset(control: torch.Tensor, base: torch.Tensor, target: torch.Tensor) -> 
     return (control.float() + (target.float() - base.float())).to(control.dtype)
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Move a ControlNet trained on BASE onto TARGET, a fine-tune of "
-                                                 "BASE: control + (target - base) on the ControlNet's UNet copy.")
+    parser = argparse.ArgumentParser(epilog=DEBUG_HELP, description=(
+        "Move a ControlNet trained on BASE onto TARGET, a fine-tune of "
+        "BASE: control + (target - base) on the ControlNet's UNet copy."))
     parser.add_argument("--base", required=True, help="the SD checkpoint the ControlNet was trained from")
     parser.add_argument("--control", required=True,
                         help="the trained ControlNet: a full ControlLDM checkpoint or a control-only file")
@@ -181,11 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", default=None,
                         help="model config (default: models/cldm_v15.yaml or models/cldm_v21.yaml, from BASE)")
     args = parser.parse_args(argv)
-    try:
-        report = transfer_control(args.base, args.control, args.target, args.out, args.config)
-    except USER_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
-    _print_report(report)
+    _print_report(transfer_control(args.base, args.control, args.target, args.out, args.config))
     return 0
 
 

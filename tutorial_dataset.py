@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from training.dataset import ControlDataset, DatasetError
+from ldm.errors import DEBUG_HELP, MissingFileError, command_line
+from training.dataset import ControlDataset
 
 DEFAULT_ROOT = "./training/fill50k"
 MAKE_COMMAND = "python training/make_fill50k.py --out {root} --n 50000 --size 512"
@@ -25,20 +26,17 @@ class MyDataset(ControlDataset):
         super().__init__(root, **kwargs)
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Print the data set's length and one item's prompt and array shapes; returns the exit status."""
-    parser = argparse.ArgumentParser(description="Load the Fill50K tutorial data set and show one item.")
+    parser = argparse.ArgumentParser(description="Load the Fill50K tutorial data set and show one item.",
+                                     epilog=DEBUG_HELP)
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"data set folder (default {DEFAULT_ROOT})")
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():
-        print(f"{args.root} not found; make it with: {MAKE_COMMAND.format(root=args.root)}", file=sys.stderr)
-        return 1
-    try:
-        dataset = MyDataset(args.root)
-        item = dataset[0]
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        raise MissingFileError(f"{args.root} not found; make it with: {MAKE_COMMAND.format(root=args.root)}")
+    dataset = MyDataset(args.root)
+    item = dataset[0]
     print(len(dataset))
     print(item["txt"])
     print(item["jpg"].shape)

@@ -17,17 +17,25 @@ import torch
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from cldm.checkpoint import CheckpointError, load_weights
+from cldm.checkpoint import check_resumable, load_weights
 from cldm.cldm import OPTIMIZERS
 from cldm.logger import ImageLogger
 from cldm.model import create_model
-from training.dataset import DatasetError
-from training.loop import AtomicCheckpointIO, ExactResume, LastCheckpoint, ResumableSampler, Throughput
+from ldm.errors import DEBUG_HELP, InputError, MissingFileError, TrainingDiverged, command_line
+from training.loop import (
+    AtomicCheckpointIO,
+    ExactResume,
+    LastCheckpoint,
+    ResumableSampler,
+    StopOnNonFiniteGradients,
+    Throughput,
+)
 from tutorial_dataset import MyDataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=DEBUG_HELP)
     p.add_argument("--config", default="./models/cldm_v15.yaml", help="model YAML")
     p.add_argument("--resume_path", default="./models/control_sd15_ini.ckpt",
                    help="initial weights: a checkpoint made by tool_add_control.py (or a trained ControlNet)")
@@ -86,7 +94,7 @@ def frozen_dtype(choice: str, precision: str) -> torch.dtype | None:
     """The dtype `--frozen_weights` asks for under `--precision` (None: full precision)."""
     half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     if choice == "half" and half is None:
-        raise SystemExit(f"error: --frozen_weights half needs --precision bf16-mixed or 16-mixed, not {precision}")
+        raise InputError(f"--frozen_weights half needs --precision bf16-mixed or 16-mixed, not {precision}")
     if choice == "half" or (choice == "auto" and precision == "bf16-mixed"):
         return half
     return None
@@ -97,10 +105,11 @@ def make_logger(kind: str, out: Path) -> Logger:
         try:
             return TensorBoardLogger(out, name="logs")
         except ModuleNotFoundError as err:
-            raise SystemExit("error: --logger tensorboard needs: pip install tensorboard") from err
+            raise InputError("--logger tensorboard needs: pip install tensorboard") from err
     return CSVLogger(out, name="logs")
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # The frozen VAE and text encoder are in eval mode on purpose.
@@ -110,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     resuming = args.resume and last.is_file()
     if args.resume and not resuming:
         print(f"note: --resume given but {last} does not exist yet; starting from {args.resume_path}")
-    if not resuming and not Path(args.resume_path).is_file():
-        raise SystemExit(f"error: {args.resume_path} not found; make it with: python tool_add_control.py "
-                         f"./models/v1-5-pruned.ckpt {args.resume_path}")
+    if resuming:
+        check_resumable(last)
+    elif not Path(args.resume_path).is_file():
+        raise MissingFileError(f"{args.resume_path} not found; make it with: python tool_add_control.py "
+                               f"./models/v1-5-pruned.ckpt {args.resume_path}")
     if not (Path(args.data) / "prompt.json").is_file():
-        raise SystemExit(f"error: {Path(args.data) / 'prompt.json'} not found; point --data at your folder or make "
-                         f"Fill50K with: python training/make_fill50k.py --out {args.data} --n 50000 --size 512")
+        raise MissingFileError(f"{Path(args.data) / 'prompt.json'} not found; point --data at your folder or make "
+                               f"Fill50K with: python training/make_fill50k.py --out {args.data} --n 50000 --size 512")
     pl.seed_everything(args.seed, workers=True)
 
     # Configs
@@ -148,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     devices = parse_devices(args.devices)
     world = devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1
     samples_per_step = args.batch_size * args.accumulate_grad_batches * max(world, 1)
+    last_checkpoint = LastCheckpoint(out, args.save_every or args.logger_freq)
     callbacks: list[pl.Callback] = [
         ImageLogger(batch_frequency=args.logger_freq, save_dir=out,
                     log_images_kwargs={"ddim_steps": args.log_ddim_steps,
                                        "unconditional_guidance_scale": args.log_guidance_scale}),
         ExactResume(sampler, samples_per_step),
         Throughput(args.batch_size),
-        LastCheckpoint(out, args.save_every or args.logger_freq),
+        StopOnNonFiniteGradients(),
+        last_checkpoint,
     ]
     if args.fidelity_every > 0:
         from training.fidelity import fidelity_callback_from_args
@@ -172,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     # Train!
     try:
         trainer.fit(model, dataloader, ckpt_path=str(last) if resuming else None, weights_only=True)
-    except FloatingPointError as err:
-        raise SystemExit(f"error: {err}; last good checkpoint: {last}") from None
+    except TrainingDiverged as err:
+        raise TrainingDiverged(f"{err}; {last_checkpoint.status()}") from err
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoint {last}; image grids in {out / 'image_log'}")
         if getattr(dataset, "skipped", None):
@@ -182,7 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckpointError, DatasetError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(main())

@@ -22,7 +22,6 @@ windowed schedules since each pair of steps holds one step of each half.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,13 +36,14 @@ import torch
 from benchmarks.common import (
     CLEAN_CPU_SHARE,
     REPO_ROOT,
+    best_peak,
     count_flops,
-    emit_result,
+    finish_child,
     machine,
     markdown_table,
-    matmul_peak_gflops,
-    peak_rss_mib,
-    run_child,
+    run_rounds,
+    start_parent,
+    write_results,
 )
 
 PROMPT = "cornflower blue circle with dark salmon background"
@@ -164,26 +164,18 @@ def child(args: argparse.Namespace) -> None:
         result["median_step_second_half_s"] = statistics.median(step_times[half - 1:])
     result["image_shape"] = list(image.shape)
     result["image_finite"] = bool(torch.isfinite(image).all())
-    result["peak_rss_mib"] = peak_rss_mib()
-    result["matmul_peak_gflops"] = matmul_peak_gflops()  # measured again: the parent's may have been disturbed
     print(f"[{args.child}] {result['s_per_image']:.1f} s/image, median step {result['median_step_s']:.2f} s",
           file=sys.stderr, flush=True)
-    emit_result(result)
+    finish_child(result)
 
 
 def parent(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    peak = start_parent(args.threads)
     common = ["--threads", str(torch.get_num_threads()), "--steps", str(args.steps), "--size", str(args.size),
               "--seed", str(args.seed), "--config", args.config]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.contenders}
-    for round_index in range(args.rounds):
-        for name in args.contenders:
-            extra = ["--count-flops"] if round_index == 0 and not args.no_flops else []
-            runs[name].append(run_child("benchmarks.bench_generate", ["--child", name, *common, *extra]))
-    peak = max([peak, *(r.get("matmul_peak_gflops", 0.0) for results in runs.values() for r in results)])
+    runs = run_rounds("benchmarks.bench_generate", args.contenders, args.rounds, common,
+                      [] if args.no_flops else ["--count-flops"])
+    peak = best_peak(peak, runs)
     threads = torch.get_num_threads()
     rows = []
     for name, results in runs.items():
@@ -221,10 +213,7 @@ def parent(args: argparse.Namespace) -> None:
     table = markdown_table(rows, columns)
     print(f"\n{args.steps} DDIM steps, {args.size} px, CFG {GUIDANCE} (batched), fp32, "
           f"{torch.get_num_threads()} thread(s), matmul peak {peak:.1f} GFLOP/s\n\n{table}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"peak_gflops": peak, "machine": machine(), "args": vars(args),
-                                              "rows": rows, "table": table}, indent=1))
+    write_results(args.out, peak, args, rows, table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,15 +49,16 @@ import torch.nn.functional as F
 from benchmarks.common import (
     CLEAN_CPU_SHARE,
     REPO_ROOT,
+    best_peak,
     clean_times,
     count_flops,
-    emit_result,
+    finish_child,
     machine,
     markdown_table,
-    matmul_peak_gflops,
-    peak_rss_mib,
-    run_child,
+    run_rounds,
+    start_parent,
     summarize,
+    write_results,
 )
 
 PROMPT = "cornflower blue circle with dark salmon background"
@@ -284,17 +285,12 @@ def child(args: argparse.Namespace) -> None:
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
         Path(args.profile).write_text(table)
         print(table, file=sys.stderr)
-    result["peak_rss_mib"] = peak_rss_mib()
-    result["matmul_peak_gflops"] = matmul_peak_gflops()  # measured again: the parent's may have been disturbed
-    emit_result(result)
+    finish_child(result)
 
 
 # ----- the parent: all contenders, a table -----------------------------------------------------------------
 def parent(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    peak = matmul_peak_gflops()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    peak = start_parent(args.threads)
     if args.mode == "loop" and not args.data:
         data = Path(tempfile.mkdtemp(prefix="fill50k_")) / "fill50k"
         from training.make_fill50k import make_fill50k
@@ -307,18 +303,13 @@ def parent(args: argparse.Namespace) -> None:
               "--checkpointing" if args.checkpointing else "--no-checkpointing", "--config", args.config]
     if args.data:
         common += ["--data", args.data]
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in args.contenders}
-    for round_index in range(args.rounds):  # alternate contenders so that load from elsewhere hits all alike
-        for name in args.contenders:
-            extra = ["--count-flops"] if not args.no_flops and round_index == 0 and args.mode == "step" else []
-            results[name].append(run_child("benchmarks.bench_train_step", ["--child", name, *common, *extra]))
-    peak = max([peak, *(run.get("matmul_peak_gflops", 0.0) for runs in results.values() for run in runs)])
+    count_flops = not args.no_flops and args.mode == "step"
+    results = run_rounds("benchmarks.bench_train_step", args.contenders, args.rounds, common,
+                         ["--count-flops"] if count_flops else [])
+    peak = best_peak(peak, results)
     rows, table = render(results, peak, torch.get_num_threads(), args.mode, args.size)
     print(table)
-    if args.out:
-        out = {"peak_gflops": peak, "machine": machine(), "args": vars(args), "rows": rows, "table": table}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+    write_results(args.out, peak, args, rows, table)
 
 
 def render(results: dict[str, list[dict[str, Any]]], peak: float, threads: int, mode: str, size: int
@@ -375,8 +366,7 @@ def report(path: str) -> None:
     results = {row["contender"]: row["runs"] for row in saved["rows"]}
     args = saved["args"]
     threads = saved["rows"][0]["runs"][0]["machine"]["threads"]
-    peak = max([saved["peak_gflops"], *(run.get("matmul_peak_gflops", 0.0) for runs in results.values()
-                                        for run in runs)])
+    peak = best_peak(saved["peak_gflops"], results)
     print(render(results, peak, threads, args["mode"], args["size"])[1])
 
 

@@ -128,6 +128,46 @@ def machine() -> dict[str, Any]:
     }
 
 
+def run_rounds(module: str, contenders: Sequence[str], rounds: int, common: Sequence[str],
+               first_round_extra: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+    """Every contender once per round, interleaved (so that load from elsewhere hits all alike), each in a fresh
+    process; `first_round_extra` goes to the first round's runs only (e.g. a FLOP count)."""
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    for round_index in range(rounds):
+        for name in contenders:
+            extra = list(first_round_extra) if round_index == 0 else []
+            results[name].append(run_child(module, ["--child", name, *common, *extra]))
+    return results
+
+
+def best_peak(peak: float, results: dict[str, list[dict[str, Any]]]) -> float:
+    """The highest matmul peak measured, by the parent or by any child (a disturbed measurement is lower)."""
+    return max([peak, *(run.get("matmul_peak_gflops", 0.0) for runs in results.values() for run in runs)])
+
+
+def write_results(path: str | None, peak: float, args: Any, rows: list[dict[str, Any]], table: str) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"peak_gflops": peak, "machine": machine(), "args": vars(args),
+                                          "rows": rows, "table": table}, indent=1))
+
+
+def start_parent(threads: int) -> float:
+    """Set the thread count and measure the matmul peak the figures are compared with."""
+    if threads:
+        torch.set_num_threads(threads)
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s", flush=True)
+    return peak
+
+
+def finish_child(result: dict[str, Any]) -> None:
+    """Add the child's peak memory and a fresh matmul peak (the parent's may have been disturbed), then emit."""
+    result["peak_rss_mib"] = peak_rss_mib()
+    result["matmul_peak_gflops"] = matmul_peak_gflops()
+    emit_result(result)
+
+
 def emit_result(result: dict[str, Any]) -> None:
     """Print a child's result as the one line the parent parses."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -2,7 +2,7 @@
 
 Nothing is downloaded: every part is built from the configuration the SD1.5 / sd-controlnet repositories
 publish, with diffusers' random initialisation. Only the benchmark scripts import this module, so the
-project itself never depends on diffusers (see requirements-bench.txt).
+project itself never depends on diffusers (a test and benchmark dependency only).
 """
 
 from __future__ import annotations

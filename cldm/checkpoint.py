@@ -21,9 +21,10 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from cldm.formats import DIFFERENCE_KEY, DIFFUSERS_WEIGHTS, from_diffusers, is_diffusers_controlnet, undo_difference
+from ldm.errors import InputError, MissingFileError, OutputExistsError, UserError
+
 # ----- errors ------------------------------------------------------------------------------------------------
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file that is missing, unreadable, truncated or not a model checkpoint."""
 
 
@@ -55,6 +59,8 @@ CROSS_ATTN_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 #: Extensions that `save_state_dict` writes with `torch.save` (the others: `.safetensors`).
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt")
 SAFETENSORS_SUFFIX = ".safetensors"
+#: How `atomic_write` names its temporary files (`.NAME.<random>.tmp` beside NAME).
+TEMPORARY_SUFFIX = ".tmp"
 
 # ----- families ----------------------------------------------------------------------------------------------
 #: The bundled configs (`models/*.yaml`), beside the packages.
@@ -137,46 +143,81 @@ def get_state_dict(d: Mapping[str, Any]) -> Mapping[str, Any]:
     return d.get("state_dict", d)
 
 
-def load_state_dict(ckpt_path: str | Path, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read the tensors of a `.ckpt`/`.pth` (safely: `weights_only=True`) or `.safetensors` file."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint file holds: its tensors (unwrapped from `{'state_dict': ...}`), the other top-level
+    entries of a pickled file (Lightning's `global_step`, `epoch`, ...) and a safetensors file's metadata."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    extras: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a `.ckpt`/`.pth` (safely: `weights_only=True`) or `.safetensors` file, or a diffusers model folder."""
     path = Path(ckpt_path)
+    if path.is_dir() and (path / DIFFUSERS_WEIGHTS).is_file():
+        path = path / DIFFUSERS_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    metadata: dict[str, str] = {}
     if path.suffix == SAFETENSORS_SUFFIX:
-        from safetensors import SafetensorError
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path), device=str(location))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+            state: Any = load_file(str(path), device=str(location))
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+        except Exception as err:  # any failure to parse the user's file says the same: it is not readable
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from err
     else:
         try:
-            state = torch.load(path, map_location=location, weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(f"{path}: {_unpickling_problem(str(err))}") from err
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({first_line})") from err
+            with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file anyway
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(path, map_location=location, weights_only=True)
+        except Exception as err:  # parsing a user's file: whatever fails, the file is what is wrong
+            raise CheckpointError(f"{path}: {_unreadable(path, err)}") from err
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    extras = {k: v for k, v in state.items() if k != "state_dict" and not isinstance(v, torch.Tensor)}
     state = get_state_dict(state)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, Mapping) else {}
     if not tensors:
         raise CheckpointError(f"{path}: contains no tensors")
-    return tensors
+    return Checkpoint(path, tensors, extras, metadata)
 
 
-def _unpickling_problem(message: str) -> str:
-    """Say in plain words why a weights-only load refused a file (torch's message is long and styled)."""
-    message = re.sub(r"\x1b\[[0-9;]*m", "", message)
-    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+def load_state_dict(ckpt_path: str | Path, location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (see `read_checkpoint`): the original's entry point."""
+    return read_checkpoint(ckpt_path, location).tensors
+
+
+def _first_line(err: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+#: How torch words the refusal of a pickled object that is not a tensor (2.4-2.13).
+_REFUSED_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    """Why a weights-only load refused a `.ckpt`/`.pth` file, in plain words (torch's message is long and styled)."""
+    refused = _REFUSED_GLOBAL.search(str(err))
     if refused:
-        return (f"holds a pickled object ({refused.group(1)}) besides tensors, which a weights-only load "
-                "refuses; only load such a file if you trust it, and re-save its state dict")
-    if "invalid load key" in message or "could not find MARK" in message:
-        return "not a checkpoint (neither a PyTorch zip archive nor a pickle)"
-    return "not a readable checkpoint (the pickle inside is damaged)"
+        return (f"refused for safety: it holds pickled code or objects that are not weights ({refused.group(1)}), "
+                "which are never run here; use a .safetensors file, or a state dict saved with torch.save")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == _ZIP_MAGIC:
+        return f"corrupt or truncated checkpoint ({_first_line(err)})"
+    if head[:1] == b"\x80" and isinstance(err, pickle.UnpicklingError):
+        return ("refused for safety: a pickle that holds more than tensors (or uses pickle features a weights-only "
+                "load refuses); use a .safetensors file, or a state dict saved with torch.save")
+    return "not a checkpoint (neither a PyTorch zip archive nor a pickle of tensors)"
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Any:
@@ -189,37 +230,37 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Any
 
 
 # ----- writing -----------------------------------------------------------------------------------------------
+def _check_extension(out: Path) -> None:
+    if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
+        raise InputError(f"{out}: unknown checkpoint extension {out.suffix!r} (use .ckpt, .pth or .safetensors)")
+
+
 def check_output_path(path: str | Path) -> Path:
     """Fail before any work is done when OUTPUT cannot be written: it exists, or its type is unknown."""
     out = Path(path)
-    if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        raise ValueError(f"{out}: unknown checkpoint extension {out.suffix!r} (use .ckpt, .pth or .safetensors)")
+    _check_extension(out)
     if out.exists():
-        raise FileExistsError(f"{out}: already exists; refusing to overwrite it (choose another name)")
+        raise OutputExistsError(f"{out}: already exists; refusing to overwrite it (choose another name)")
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out.parent}: output folder does not exist")
+        raise MissingFileError(f"{out.parent}: output folder does not exist")
     return out
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `state_dict` to PATH atomically: `.ckpt`/`.pth` as `{"state_dict": sd}`, else `.safetensors`.
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Write PATH so that it is never seen half-written: `write(tmp)` fills a temporary file beside it (named
+    `.PATH.*.tmp`), which is flushed to disk, given the usual permissions and only then moved into place.
 
-    Without `overwrite` an existing PATH is kept and `FileExistsError` raised, also when another process
+    Without `overwrite` an existing PATH is kept and `OutputExistsError` raised, also when another process
     creates it while this one is writing (the final step is a hard link, which refuses to replace).
     """
     out = Path(path)
-    if out.suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        raise ValueError(f"{out}: unknown checkpoint extension {out.suffix!r} (use .ckpt, .pth or .safetensors)")
     if not overwrite and out.exists():
-        raise FileExistsError(f"{out}: already exists; refusing to overwrite it")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        raise OutputExistsError(f"{out}: already exists; refusing to overwrite it")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=TEMPORARY_SUFFIX, dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        if out.suffix == SAFETENSORS_SUFFIX:
-            _write_safetensors(state_dict, tmp)
-        else:
-            torch.save({"state_dict": dict(state_dict)}, tmp)
+        write(tmp)
         _fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual permissions
         _move_into_place(tmp, out, overwrite)
@@ -230,12 +271,46 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *,
     return out
 
 
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Temporary files that `atomic_write` left beside PATH when its process was killed mid-write."""
+    out = Path(path)
+    return sorted(out.parent.glob(f".{out.name}.*{TEMPORARY_SUFFIX}")) if out.parent.is_dir() else []
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `state_dict` to PATH atomically: `.ckpt`/`.pth` as `{"state_dict": sd}`, else `.safetensors`."""
+    out = Path(path)
+    _check_extension(out)
+    if out.suffix == SAFETENSORS_SUFFIX:
+        return atomic_write(out, lambda tmp: _write_safetensors(state_dict, tmp), overwrite=overwrite)
+    return atomic_write(out, lambda tmp: torch.save({"state_dict": dict(state_dict)}, tmp), overwrite=overwrite)
+
+
+def check_resumable(path: str | Path) -> Path:
+    """A Lightning checkpoint to resume from must be a complete zip archive; a killed copy or a truncated download
+    is not (its central directory, at the end, is missing). Cheap: only the directory is read."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_first_line(err)}): delete it to start "
+                              "over, or resume from an intact copy") from err
+    return path
+
+
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes as stored (before any decoding), read in 1 MiB blocks."""
+    """SHA-256 of a file's bytes as stored (before any decoding), read in 1 MiB blocks; for a folder (a diffusers
+    model), of its files' names and bytes in name order."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -268,12 +343,12 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     try:
         os.link(tmp, out)  # atomic and never replaces an existing file
     except FileExistsError as err:
-        raise FileExistsError(f"{out}: already exists; refusing to overwrite it") from err
+        raise OutputExistsError(f"{out}: already exists; refusing to overwrite it") from err
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
             raise
         if out.exists():  # a file system without hard links: check, then rename
-            raise FileExistsError(f"{out}: already exists; refusing to overwrite it") from err
+            raise OutputExistsError(f"{out}: already exists; refusing to overwrite it") from err
         os.replace(tmp, out)
 
 
@@ -326,16 +401,30 @@ def shape_mismatches(state_dict: Mapping[str, torch.Tensor], expected: Mapping[s
 
 def has_control(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether a state dict holds ControlNet weights, with the `control_model.` prefix or as a control-only file."""
-    return any(k.startswith((CONTROL_PREFIX, *CONTROL_ONLY_PARTS)) for k in state_dict)
+    return (any(k.startswith((CONTROL_PREFIX, *CONTROL_ONLY_PARTS)) for k in state_dict)
+            or is_diffusers_controlnet(state_dict))
 
 
 def has_unet(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return any(k.startswith(UNET_PREFIX) for k in state_dict)
 
 
-def control_weights(state_dict: Mapping[str, torch.Tensor], label: str | Path) -> dict[str, torch.Tensor]:
-    """The ControlNet's weights, without prefix, from a full ControlLDM checkpoint or a control-only file."""
+def control_weights(state_dict: Mapping[str, torch.Tensor], label: str | Path,
+                    base_unet: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The ControlNet's weights under our names, without prefix, from any layout a control travels in: a full
+    ControlLDM checkpoint, a control-only file (with or without `control_model.`), a diffusers ControlNet, or the
+    web UI's difference file (which needs `base_unet`, the UNet it was taken over, without prefix)."""
+    if is_diffusers_controlnet(state_dict):
+        try:
+            return from_diffusers(state_dict)
+        except InputError as err:
+            raise CheckpointError(f"{label}: {err}") from err
     prefixed = {k[len(CONTROL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(CONTROL_PREFIX)}
+    if prefixed and DIFFERENCE_KEY in state_dict:
+        if base_unet is None:
+            raise CheckpointError(f"{label}: a difference file (control minus its base UNet): also give the "
+                                  "Stable Diffusion checkpoint it was taken over (--base)")
+        return undo_difference(prefixed, base_unet)
     if prefixed:
         return prefixed
     if any(k.startswith(CONTROL_ONLY_PARTS) for k in state_dict):
@@ -344,6 +433,11 @@ def control_weights(state_dict: Mapping[str, torch.Tensor], label: str | Path) -
             else "no ControlNet weights")
     raise CheckpointError(f"{label}: holds {what} (no control_model.*, input_hint_block.* or zero_convs.* keys): "
                           "not a ControlNet")
+
+
+def unet_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion checkpoint's UNet, without the `model.diffusion_model.` prefix."""
+    return {k[len(UNET_PREFIX):]: v for k, v in state_dict.items() if k.startswith(UNET_PREFIX)}
 
 
 def check_is_sd(state_dict: Mapping[str, torch.Tensor], label: str | Path) -> None:

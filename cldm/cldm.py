@@ -64,6 +64,9 @@ class ControlNet(nn.Module):
                                     num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
                                     **spec_params)
         self.model_channels = model_channels
+        #: The hint block's shape, for exporting to other layouts (see `cldm.formats`).
+        self.hint_channels, self.hint_block_widths, self.hint_downsample = hint_channels, tuple(hint_block_widths), \
+            hint_downsample
         self.time_embed = self.spec.time_embedding()
         self.input_hint_block = self._hint_block(hint_channels, model_channels, self.spec.dims,
                                                  hint_block_widths, hint_downsample)

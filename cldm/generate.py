@@ -26,7 +26,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cldm.annotators import PREPROCESSORS
-from cldm.checkpoint import CheckpointError
 from cldm.control import CONTROL_MODES
 from cldm.control_image import RESIZE_MODES
 from cldm.generation import (
@@ -38,6 +37,7 @@ from cldm.generation import (
     load_image,
     record_hash,
 )
+from ldm.errors import DEBUG_HELP, InputError, MissingFileError, command_line
 
 PNG_KEY = "controlnet"
 RECORD_VERSION = 1
@@ -48,14 +48,14 @@ RUN_DEFAULTS: dict[str, Any] = {
 UNIT_FLAGS = ("image", "preprocessor", "threshold_a", "threshold_b", "annotator_resolution", "pixel_perfect",
               "invert", "rgb_to_bgr", "resize_mode", "weight", "guidance_start", "guidance_end", "control_mode",
               "guess_mode")
-USER_ERRORS = (ValueError, OSError, CheckpointError)
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option defaults to None so that a `--from-png` record fills what the command line leaves out."""
-    p = argparse.ArgumentParser(prog="python -m cldm.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cldm.generate", description=__doc__.splitlines()[0],
+                                epilog=DEBUG_HELP)
     flag = argparse.BooleanOptionalAction
     models = p.add_argument_group("model")
     models.add_argument("--config", help="model YAML, e.g. models/cldm_v15.yaml")
@@ -107,17 +107,20 @@ def read_record(path: str | Path) -> dict[str, Any]:
     """The settings record of a PNG this tool wrote."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: PNG file not found")
+        raise MissingFileError(f"{path}: PNG file not found")
     try:
         with Image.open(path) as img:
             text = getattr(img, "text", {}).get(PNG_KEY)
     except OSError as err:
-        raise ValueError(f"{path}: not a readable PNG ({type(err).__name__})") from err
+        raise InputError(f"{path}: not a readable PNG ({type(err).__name__})") from err
     if text is None:
-        raise ValueError(f"{path}: has no {PNG_KEY!r} settings record (was it written by cldm.generate?)")
-    record = json.loads(text)
+        raise InputError(f"{path}: has no {PNG_KEY!r} settings record (was it written by cldm.generate?)")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: damaged settings record ({err.msg})") from err
     if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
-        raise ValueError(f"{path}: settings record of an unknown version")
+        raise InputError(f"{path}: settings record of an unknown version")
     return record
 
 
@@ -125,15 +128,15 @@ def read_units_file(path: str | Path) -> list[dict[str, Any]]:
     """Unit mappings from YAML/JSON; relative image and model paths are taken from the file's folder."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: units file not found")
+        raise MissingFileError(f"{path}: units file not found")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML/JSON ({type(err).__name__})") from err
+        raise InputError(f"{path}: not valid YAML/JSON ({type(err).__name__})") from err
     if isinstance(data, dict) and "units" in data:
         data = data["units"]
     if not isinstance(data, list) or not all(isinstance(u, dict) for u in data):
-        raise ValueError(f"{path}: expected a list of unit mappings")
+        raise InputError(f"{path}: expected a list of unit mappings")
     units = []
     for entry in data:
         unit = dict(entry)
@@ -160,7 +163,7 @@ def resolve_units(args: argparse.Namespace, record: dict[str, Any]) -> list[dict
     if given:
         if not units:
             if "image" not in given:
-                raise ValueError("unit flags need --image (the control image)")
+                raise InputError("unit flags need --image (the control image)")
             units = [{}]
         units[0] = {**units[0], **given}
     return units
@@ -185,10 +188,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
         ckpt = args.ckpt if args.ckpt is not None else _record_file(record.get("ckpt"))
         base = args.base if args.base is not None else _record_file(record.get("base"))
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{args.from_png}: malformed settings record ({err})") from err
+        raise InputError(f"{args.from_png}: malformed settings record ({err})") from err
     for name, value in (("--prompt", prompt), ("--config", config), ("--ckpt", ckpt)):
         if value is None:
-            raise ValueError(f"{name} is required (or --from-png)")
+            raise InputError(f"{name} is required (or --from-png)")
     run = {key: _pick(args, record, key, default) for key, default in RUN_DEFAULTS.items()}
     if run["seed"] == -1:
         run["seed"] = secrets.randbelow(2**31)
@@ -213,7 +216,7 @@ def generate(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out) if args.out else (Path(args.from_png).with_name(Path(args.from_png).stem + "-rerun.png")
                                            if args.from_png else None)
     if out is None:
-        raise ValueError("--out is required")
+        raise InputError("--out is required")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     annotator_dir = _pick(args, record, "annotator_dir")
@@ -242,15 +245,11 @@ def generate(args: argparse.Namespace) -> list[Path]:
     return written
 
 
+@command_line
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        written = generate(args)
-    except USER_ERRORS as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    written = generate(args)
     for path in written:
         print(path)
     return 0

@@ -37,6 +37,7 @@ from cldm.checkpoint import (
     has_unet,
     load_state_dict,
     sha256_short,
+    unet_weights,
 )
 from cldm.control import CONTROL_MODES, Control, ControlMode
 from cldm.control_image import (
@@ -49,6 +50,7 @@ from cldm.control_image import (
     to_rgb_uint8,
 )
 from cldm.model import create_model
+from ldm.errors import InputError, MissingFileError
 from ldm.models.diffusion.sampling import SAMPLERS
 from ldm.util import instantiate_from_config
 
@@ -80,13 +82,13 @@ def load_image(source: ImageSource) -> np.ndarray:
         return _pil_to_rgb(source)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: image file not found")
+        raise MissingFileError(f"{path}: image file not found")
     try:
         with Image.open(path) as img:
             img.load()
             return _pil_to_rgb(img)
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"{path}: not a readable image ({type(err).__name__})") from err
+        raise InputError(f"{path}: not a readable image ({type(err).__name__})") from err
 
 
 def _pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -130,16 +132,16 @@ class ControlUnit:
     def __post_init__(self) -> None:
         self.preprocessor = str(self.preprocessor).strip().lower()
         if self.preprocessor not in PREPROCESSORS:
-            raise ValueError(f"unknown preprocessor {self.preprocessor!r}; known: {', '.join(PREPROCESSORS)}")
+            raise InputError(f"unknown preprocessor {self.preprocessor!r}; known: {', '.join(PREPROCESSORS)}")
         if self.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"unknown resize mode {self.resize_mode!r}; known: {', '.join(RESIZE_MODES)}")
+            raise InputError(f"unknown resize mode {self.resize_mode!r}; known: {', '.join(RESIZE_MODES)}")
         if self.control_mode not in CONTROL_MODES:
-            raise ValueError(f"unknown control mode {self.control_mode!r}; known: {', '.join(CONTROL_MODES)}")
+            raise InputError(f"unknown control mode {self.control_mode!r}; known: {', '.join(CONTROL_MODES)}")
         if not 0.0 <= self.guidance_start <= self.guidance_end <= 1.0:
-            raise ValueError(f"guidance window must satisfy 0 <= start <= end <= 1, got "
+            raise InputError(f"guidance window must satisfy 0 <= start <= end <= 1, got "
                              f"[{self.guidance_start}, {self.guidance_end}]")
         if int(self.annotator_resolution) <= 0:
-            raise ValueError(f"annotator_resolution must be positive, got {self.annotator_resolution}")
+            raise InputError(f"annotator_resolution must be positive, got {self.annotator_resolution}")
 
     @classmethod
     def from_dict(cls, settings: Mapping[str, Any]) -> ControlUnit:
@@ -147,9 +149,9 @@ class ControlUnit:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(settings) - known - RECORD_ONLY_KEYS)
         if unknown:
-            raise ValueError(f"unknown control unit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise InputError(f"unknown control unit setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "image" not in settings:
-            raise ValueError("a control unit needs an 'image'")
+            raise InputError("a control unit needs an 'image'")
         return cls(**{k: v for k, v in settings.items() if k in known})
 
     def settings(self) -> dict[str, Any]:
@@ -217,7 +219,7 @@ class ControlNetPipeline:
         self.control_names = (list(control_names) if control_names is not None
                               else [f"control{k}" for k in range(len(self.controls))])
         if len(self.control_names) != len(self.controls):
-            raise ValueError("control_names must name each control")
+            raise InputError("control_names must name each control")
         self.device = torch.device(device)
         self.annotator_dir = annotator_dir
         self.sources = dict(sources or {})
@@ -239,14 +241,15 @@ class ControlNetPipeline:
         fit the config's ControlNet architecture.
         """
         main = load_state_dict(ckpt)
-        control = control_weights(main, ckpt)
         if base is None and not has_unet(main):
             raise CheckpointError(f"{ckpt}: holds only ControlNet weights; also pass the Stable Diffusion "
                                   "checkpoint it was trained for as base (--base)")
         sd_path = ckpt if base is None else base
         sd = {k: v for k, v in (main if base is None else load_state_dict(base)).items()
               if not k.startswith(CONTROL_PREFIX)}
-        extras = [control_weights(load_state_dict(path), path) for path in extra_controls]
+        base_unet = unet_weights(sd)
+        control = control_weights(main, ckpt, base_unet)
+        extras = [control_weights(load_state_dict(path), path, base_unet) for path in extra_controls]
         model = create_model(config)
         want = context_dim_of(nn.Module.state_dict(model.control_model), "")
         for weights, path in zip([control, *extras], [ckpt, *extra_controls]):
@@ -303,7 +306,7 @@ class ControlNetPipeline:
             for k, name in enumerate(self.control_names):
                 if ref in (name, Path(name).name, Path(name).stem) or Path(ref) == Path(name):
                     return k
-        raise ValueError(f"unit model {ref!r} is not loaded; loaded: "
+        raise InputError(f"unit model {ref!r} is not loaded; loaded: "
                          + ", ".join(f"{k}={name}" for k, name in enumerate(self.control_names)))
 
     def preprocessor(self, name: str) -> Preprocessor:
@@ -331,17 +334,17 @@ class ControlNetPipeline:
 
     def _check_request(self, width: int, height: int, steps: int, sampler: str, batch_size: int) -> None:
         if width <= 0 or height <= 0 or width % 8 or height % 8:
-            raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+            raise InputError(f"width and height must be positive multiples of 8, got {width}x{height}")
         multiple = self.size_multiple()
         if width % multiple or height % multiple:
-            raise ValueError(f"this model needs width and height in multiples of {multiple} (the latent is "
+            raise InputError(f"this model needs width and height in multiples of {multiple} (the latent is "
                              f"downsampled {multiple // self.latent_factor()}x in its UNet), got {width}x{height}")
         if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+            raise InputError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
         if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+            raise InputError(f"steps must be at least 1, got {steps}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise InputError(f"batch_size must be at least 1, got {batch_size}")
 
     @torch.no_grad()
     def __call__(self, prompt: str, units: Sequence[ControlUnit] = (), negative_prompt: str = "",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cldm.checkpoint import (
@@ -20,6 +20,7 @@ from cldm.checkpoint import (
     get_state_dict,
     load_state_dict,
 )
+from ldm.errors import InputError, MissingFileError, one_line
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.util import get_obj_from_str, instantiate_from_config
 
@@ -28,12 +29,16 @@ __all__ = ["CROSS_ATTN_KEY", "CheckpointError", "CheckpointMismatchError", "crea
 
 
 def load_config(config_path: str | Path) -> Any:
+    """A YAML config with a `model:` section; a missing or malformed file is one line naming it."""
     path = Path(config_path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    config = OmegaConf.load(path)
-    if "model" not in config:
-        raise ValueError(f"{path}: config has no top-level 'model' section")
+        raise MissingFileError(f"{path}: config file not found")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as err:  # parsing the user's file: YAML and OmegaConf raise many types, all mean the same
+        raise InputError(f"{path}: not a valid YAML config ({one_line(err)})") from err
+    if not isinstance(config, DictConfig) or "model" not in config:
+        raise InputError(f"{path}: config has no top-level 'model' section")
     return config
 
 

@@ -1,13 +1,18 @@
-"""Small helpers shared by the whole package: building objects from `target:`/`params:` configs."""
+"""Small helpers shared by the whole package: building objects from `target:`/`params:` configs, settings sections."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ldm.errors import InputError
 
 if TYPE_CHECKING:
     import torch
+
+SettingsT = TypeVar("SettingsT")
 
 
 def get_obj_from_str(path: str) -> Any:
@@ -34,6 +39,16 @@ def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
     params = dict(config.get("params", None) or {})
     params.update(overrides)
     return get_obj_from_str(config["target"])(**params)
+
+
+def settings_from(cls: type[SettingsT], section: Mapping[str, Any] | None, where: str) -> SettingsT:
+    """A settings dataclass from a config section: its defaults, then the section's values; an unknown key is an
+    error naming it (a typo in a config must not be silently ignored)."""
+    values = dict(section or {})
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise InputError(f"{where}: unknown settings {', '.join(unknown)}")
+    return cls(**values)
 
 
 def count_params(model: Any) -> int:

@@ -5,6 +5,8 @@ The project is installed (`pip install -e .`), so tests import it from any folde
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 TINY_CONFIG = ROOT / "models" / "cldm_tiny.yaml"
+TINY = str(TINY_CONFIG)
 TINY_SEED = 1234
 
 
@@ -131,3 +134,40 @@ def tiny_inputs(batch: int = 2, seed: int = 0, size: int = 8) -> dict[str, torch
         "ctx": torch.randn(batch, 77, 32, generator=g),
         "hint": torch.rand(batch, 3, 8 * size, 8 * size, generator=g),
     }
+
+
+# ----- training as a user runs it ---------------------------------------------------------------------------
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The user's first two steps, as they run them: generated Fill50K data and tool_add_control.py.
+
+    Shared by the modules that train on it; tests write only into folders of their own under it."""
+    from cldm.model import create_model
+
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    model = create_model(TINY)
+    model.materialize()
+    base = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    torch.save({"state_dict": base}, root / "sd.ckpt")
+    run_script("training/make_fill50k.py", "--out", str(root / "data"), "--n", "8", "--size", "64", "--seed", "0")
+    run_script("tool_add_control.py", str(root / "sd.ckpt"), str(root / "ini.ckpt"), "--config", TINY)
+    return root
+
+
+def train_args(workspace: Path, out: Path, *extra: str) -> list[str]:
+    if "--logger_freq" not in extra:
+        extra = ("--logger_freq", "100", *extra)
+    return ["--config", TINY, "--resume_path", str(workspace / "ini.ckpt"), "--data", str(workspace / "data"),
+            "--out", str(out), "--batch_size", "2", "--log_ddim_steps", "2", "--learning_rate", "1e-3", *extra]
+
+
+def run_train(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tutorial_train.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)

@@ -136,7 +136,7 @@ def _tiny_data(root: Path, prompts_fill50k: bool) -> Path:
 @pytest.mark.parametrize("fill50k", [True, False], ids=["fill50k", "edges"])
 def test_callback_in_trainer(tmp_path: Path, tiny_state: dict[str, torch.Tensor], fill50k: bool) -> None:
     """Three steps on the tiny config, scored every 2: rows at steps 0, 2 and 3 (the end), a plot, train mode."""
-    from tests.conftest import build_tiny
+    from conftest import build_tiny
 
     data = _tiny_data(tmp_path / "data", fill50k)
     model = build_tiny()
@@ -180,7 +180,7 @@ def test_callback_rejects_bad_arguments() -> None:
 
 def test_cli_ends_with_iou_and_baseline(tmp_path: Path, tiny_state: dict[str, torch.Tensor],
                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import TINY_CONFIG
+    from conftest import TINY_CONFIG
 
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": tiny_state}, ckpt)
@@ -193,7 +193,7 @@ def test_cli_ends_with_iou_and_baseline(tmp_path: Path, tiny_state: dict[str, to
 
 
 def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tests.conftest import TINY_CONFIG
+    from conftest import TINY_CONFIG
 
     assert main(["--config", str(TINY_CONFIG), "--ckpt", str(tmp_path / "nope.ckpt"), "--n", "1"]) == 2
     err = capsys.readouterr().err.strip()

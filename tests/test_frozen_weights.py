@@ -7,9 +7,8 @@ from typing import Any
 
 import pytest
 import torch
-
-from tests.conftest import build_tiny, rel_err
-from tests.test_options import tiny_batch, training_step
+from conftest import build_tiny, rel_err
+from test_options import tiny_batch, training_step
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

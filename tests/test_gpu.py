@@ -8,10 +8,8 @@ from typing import Any
 
 import pytest
 import torch
-
-from tests.conftest import build_tiny
-from tests.test_options import tiny_batch
-from tests.test_training import run_train, train_args, workspace  # noqa: F401 - the fixture
+from conftest import build_tiny, run_train, train_args
+from test_options import tiny_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny, rel_err, tiny_inputs
 
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from tests.conftest import build_tiny, rel_err, tiny_inputs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

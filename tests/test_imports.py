@@ -12,7 +12,8 @@ from conftest import ROOT
 #: Each package's floor; anything else of the repository (top-level scripts, benchmarks) stands on top.
 LAYERS = {"ldm": 0, "cldm": 1, "training": 2}
 TOP = 3
-SCRIPTS = ("demo", "tool_add_control", "tool_transfer_control", "tutorial_dataset", "tutorial_train")
+SCRIPTS = ("demo", "tool_add_control", "tool_export_control", "tool_transfer_control", "tutorial_dataset",
+           "tutorial_train")
 
 
 def module_name(path: Path) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +55,12 @@ def _save(tmp_path: Path, name: str, sd: SD) -> Path:
 
 
 def _cli_error(main: object, argv: list[str]) -> str:
-    """Run a tool's main expecting a refusal; return its one-line message."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)  # type: ignore[operator]
-    message = str(exc.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+    """Run a tool's main expecting a refusal (exit status 2); return its one-line message."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = main(argv)  # type: ignore[operator]
+    message = stderr.getvalue().strip()
+    assert status == 2 and message.startswith("error: ") and "\n" not in message, (status, message)
     return message
 
 

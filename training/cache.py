@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from cldm.checkpoint import file_sha256
+from ldm.errors import UserError
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from training.dataset import ControlDataset
 
@@ -54,11 +55,11 @@ CONTEXT_PREFIX = "context/"
 SHARD_SUFFIX = ".safetensors"
 
 
-class CacheMissError(KeyError):
+class CacheMissError(UserError, LookupError):
     """An item or prompt of the data set has no entry for this model: run `build_cache` first."""
 
 
-class StaleCacheError(RuntimeError):
+class StaleCacheError(UserError, RuntimeError):
     """A target image changed after the `CachedDataset` was opened: its cached latent no longer applies."""
 
 

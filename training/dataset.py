@@ -20,6 +20,8 @@ with transparency).
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,10 +30,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ldm.errors import UserError
+
 REQUIRED_KEYS = ("source", "target", "prompt")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem with the data set's files, reported as one line naming the file (and line when known)."""
 
 
@@ -48,12 +52,34 @@ class _Record(NamedTuple):
     source: Path
     target: Path
     prompt: str
+    size: tuple[int, int]
+
+
+#: Largest image (in pixels) this data set decodes: PIL's decompression-bomb limit, about 89 megapixels.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class ImageTooLarge(ValueError):
+    """An image over `MAX_IMAGE_PIXELS`: decoding it could exhaust memory."""
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header only; raises ``OSError``/``UnidentifiedImageError`` if unreadable."""
-    with Image.open(path) as image:
-        return image.size
+    """(width, height) from the header only; raises ``OSError``/``UnidentifiedImageError`` if unreadable and
+    ``ImageTooLarge`` for an image over ``MAX_IMAGE_PIXELS``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+        except Image.DecompressionBombError as err:  # over twice the limit: PIL gives the pixel count only
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            shown = f"{int(found.group(1)) / 1e6:.0f} megapixels" if found else "far too large"
+            raise ImageTooLarge(f"it is {shown}, more than the {MAX_IMAGE_PIXELS / 1e6:.0f} megapixels this data set "
+                                "decodes: downscale it first") from err
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"it is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
+                            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels this data set decodes: downscale it first")
+    return width, height
 
 
 def _to_uint8_rgb(array: np.ndarray, matte: int) -> np.ndarray:
@@ -121,6 +147,8 @@ class ControlDataset(Dataset):
         self._scan()
         if not self._records:
             raise DatasetError(f"{self.prompt_path}: no usable lines ({len(self.skipped)} skipped)")
+        if size is None:
+            self._check_one_size()
         self.empty_prompts = sum(1 for record in self._records if not record.prompt)
         self._dropped = np.random.default_rng(seed).random(len(self._records)) < drop_prompt
 
@@ -169,6 +197,8 @@ class ControlDataset(Dataset):
                 return self._bad(number, str(path), f"{key} image {name} not found")
             try:
                 sizes[key] = _image_size(path)
+            except ImageTooLarge as exc:
+                return self._bad(number, str(path), f"{key} image {name} is too large: {exc}")
             except (OSError, UnidentifiedImageError, ValueError) as exc:
                 reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 return self._bad(number, str(path), f"{key} image {name} is not a readable image ({reason})")
@@ -180,7 +210,19 @@ class ControlDataset(Dataset):
                 str(self.root / source),
                 f"source image {source} is {sw}x{sh} but target image {target} is {tw}x{th}",
             )
-        return _Record(number, self.root / entry["source"], self.root / entry["target"], entry["prompt"])
+        return _Record(number, self.root / entry["source"], self.root / entry["target"], entry["prompt"],
+                       sizes["target"])
+
+    def _check_one_size(self) -> None:
+        """Items are stacked into batches, which needs one image size: say which lines differ, and what to pass."""
+        first: dict[tuple[int, int], int] = {}
+        for record in self._records:
+            first.setdefault(record.size, record.line)
+        if len(first) > 1:
+            shown = ", ".join(f"{w}x{h} (first on line {line})" for (w, h), line in list(first.items())[:3])
+            more = f" and {len(first) - 3} more" if len(first) > 3 else ""
+            raise DatasetError(f"{self.prompt_path}: images of {len(first)} sizes: {shown}{more}; a batch needs one "
+                               "size: resize them all with size=N (tutorial_train.py --image_size N)")
 
     def report(self) -> str:
         """One-paragraph summary: usable items, empty prompts, and each skipped line with its reason."""

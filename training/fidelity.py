@@ -40,10 +40,11 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from cldm.checkpoint import CheckpointError, load_weights
+from cldm.checkpoint import load_weights
 from cldm.control import Control
 from cldm.metrics import circle_mask_from_colors, color_accuracy, edge_f1, iou
 from cldm.model import create_model
+from ldm.errors import DEBUG_HELP, InputError, command_line
 from training.dataset import ControlDataset
 from training.make_fill50k import sample_fill50k, sample_rng
 
@@ -80,7 +81,7 @@ class HeldOut:
 def fill50k_heldout(n: int, seed: int, size: int) -> HeldOut:
     """`n` fresh Fill50K items at `size` pixels with their ground truth; a pure function of the arguments."""
     if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+        raise InputError(f"n must be positive, got {n}")
     samples = [sample_fill50k(sample_rng(seed, HELDOUT_START + i), size) for i in range(n)]
     return HeldOut(
         kind="fill50k",
@@ -127,7 +128,7 @@ def _first_entries(data_root: str | Path, count: int) -> list[dict[str, Any]]:
             if isinstance(entry, dict) and isinstance(entry.get("prompt"), str):
                 entries.append(entry)
     if not entries:
-        raise ValueError(f"{Path(data_root) / 'prompt.json'}: no readable lines")
+        raise InputError(f"{Path(data_root) / 'prompt.json'}: no readable lines")
     return entries
 
 
@@ -177,7 +178,7 @@ def generate(model: Any, prompts: Sequence[str], hints: np.ndarray | None, seed:
     factor = first_stage_factor(model)
     size = model_image_size(model) if hints is None else hints.shape[1]
     if size % factor:
-        raise ValueError(f"image size {size} is not a multiple of the first stage's factor {factor}")
+        raise InputError(f"image size {size} is not a multiple of the first stage's factor {factor}")
     shape = (model.channels, size // factor, size // factor)
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -398,13 +399,13 @@ def fidelity_callback_from_args(kind: str, every_n_steps: int, n: int, seed: int
     items of the data, chosen by `seed`). The data is read when training starts.
     """
     if kind not in KINDS:
-        raise ValueError(f"fidelity kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise InputError(f"fidelity kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if n < 1:
-        raise ValueError(f"the fidelity set needs at least one item, got n={n}")
+        raise InputError(f"the fidelity set needs at least one item, got n={n}")
     if kind == "edges" and data_root is None:
-        raise ValueError("edge fidelity scores a subset of the training data: give its folder")
+        raise InputError("edge fidelity scores a subset of the training data: give its folder")
     if kind != "edges" and data_root is None and image_size is None:
-        raise ValueError("fill50k fidelity without a data folder needs an image size")
+        raise InputError("fill50k fidelity without a data folder needs an image size")
 
     def make_heldout() -> HeldOut:
         resolved = detect_kind(data_root) if kind == "auto" else kind
@@ -434,8 +435,10 @@ def evaluate_checkpoint(config: str | Path, ckpt: str | Path, n: int, seed: int,
     return {**with_control, "baseline": without["iou"], "baseline_color_acc": without["color_acc"]}
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Score a Fill50K ControlNet checkpoint on fresh held-out hints.")
+    parser = argparse.ArgumentParser(description="Score a Fill50K ControlNet checkpoint on fresh held-out hints.",
+                                     epilog=DEBUG_HELP)
     parser.add_argument("--config", required=True, help="model YAML")
     parser.add_argument("--ckpt", required=True, help="ControlLDM checkpoint (e.g. runs/demo/last.ckpt)")
     parser.add_argument("--n", type=int, default=64, help="held-out hints (default 64)")
@@ -446,12 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, default=None,
                         help="write a PNG: rows of hints, true images, samples with control, without (first 16)")
     args = parser.parse_args(argv)
-    try:
-        result = evaluate_checkpoint(args.config, args.ckpt, args.n, args.seed, args.size, args.ddim_steps,
-                                     args.guidance_scale, args.grid)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    result = evaluate_checkpoint(args.config, args.ckpt, args.n, args.seed, args.size, args.ddim_steps,
+                                 args.guidance_scale, args.grid)
     print(f"n={args.n} seed={args.seed} color_acc={result['color_acc']:.3f} "
           f"baseline_color_acc={result['baseline_color_acc']:.3f}")
     print(f"iou={result['iou']:.3f} baseline={result['baseline']:.3f}")

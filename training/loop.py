@@ -1,5 +1,5 @@
 """What training needs besides the model: an exactly resumable data order, RNG state in checkpoints,
-atomic checkpoint writes, a periodic `last.ckpt`, and a samples/s meter.
+atomic checkpoint writes, a periodic `last.ckpt` that never holds non-finite weights, and a samples/s meter.
 
 A run stopped and resumed from `last.ckpt` gives the same weights as one that was not stopped: the data
 order is a function of (seed, position in the stream) and the position follows from the restored step;
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,11 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch.nn.utils import get_total_norm
 from torch.utils.data import Sampler
+
+from cldm.checkpoint import atomic_write, stale_temporaries
+from ldm.errors import InputError, TrainingDiverged
 
 
 class ResumableSampler(Sampler[int]):
@@ -100,9 +103,10 @@ class ExactResume(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("samples_per_step") != self.samples_per_step:
-            raise ValueError(
+            raise InputError(
                 f"cannot resume exactly: the checkpoint was trained with {state_dict.get('samples_per_step')} "
-                f"samples per step, this run has {self.samples_per_step} (batch size x accumulation x devices)"
+                f"samples per step, this run has {self.samples_per_step} (batch size x accumulation x devices): "
+                "resume with the same --batch_size, --accumulate_grad_batches and --devices"
             )
         self._pending_rng = state_dict["rng"]
 
@@ -117,49 +121,93 @@ class ExactResume(pl.Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file beside the target, then renames it into place.
-
-    A crash or a full disk mid-write leaves the previous checkpoint intact.
-    """
+    """Writes each checkpoint with `cldm.checkpoint.atomic_write`: a crash or a full disk mid-write leaves the
+    previous checkpoint intact (and at worst a `.last.ckpt.*.tmp`, which `LastCheckpoint` removes next time)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None
                         ) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_write(target, lambda tmp: torch.save(checkpoint, tmp), overwrite=True)
+
+
+def non_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether any element of `tensors` is inf or NaN: one fused max-abs pass, which (unlike a sum of squares)
+    does not overflow on large but finite values."""
+    return bool(tensors) and not bool(torch.isfinite(get_total_norm(tensors, float("inf"))))
 
 
 class LastCheckpoint(pl.Callback):
-    """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps and when training ends."""
+    """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps and when training ends.
+
+    Never from non-finite weights: before each write the trainable weights are checked, and if the last update
+    made any of them inf or NaN nothing is written and training stops (`TrainingDiverged`), so `last.ckpt` always
+    holds the last finite state. `status()` names it for messages. At the start, temporary files that a killed
+    write left beside `last.ckpt` are removed (they can be as large as a checkpoint).
+    """
 
     def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_steps = every_n_steps
-        self._saved_step = -1
+        #: The step of the state `last.ckpt` holds, when this run wrote it or resumed from it.
+        self.written_step: int | None = None
 
-    def _save(self, trainer: pl.Trainer) -> None:
-        if trainer.global_step != self._saved_step:
-            trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and RNG too
-            self._saved_step = trainer.global_step
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            stale = stale_temporaries(self.path)
+            for path in stale:
+                path.unlink(missing_ok=True)
+            if stale:
+                print(f"removed {len(stale)} temporary file(s) that an interrupted write of {self.path} left behind")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None and Path(trainer.ckpt_path) == self.path:
+            self.written_step = trainer.global_step  # resumed from it
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self.written_step:
+            return
+        weights = [p.detach() for p in pl_module.parameters() if p.requires_grad]
+        if non_finite(weights):
+            raise TrainingDiverged(f"the update of step {trainer.global_step} made the weights non-finite: they "
+                                   "were not saved and training stopped (try a lower learning rate)")
+        trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and RNG too
+        self.written_step = trainer.global_step
+
+    def status(self) -> str:
+        """Which checkpoint holds the last finite state, in words."""
+        if self.written_step is not None:
+            return f"last finite checkpoint: {self.path} (step {self.written_step})"
+        if self.path.is_file():
+            return f"no checkpoint was written by this run ({self.path} is from an earlier one)"
+        return "no checkpoint was written yet"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
-            self._save(trainer)
+            self._save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._save(trainer)
+        self._save(trainer, pl_module)
+
+
+class StopOnNonFiniteGradients(pl.Callback):
+    """Stops training before an update whose gradients are inf or NaN (`TrainingDiverged`).
+
+    Under `16-mixed` the gradient scaler skips such steps itself (they are part of finding the loss scale), so
+    this callback leaves them to it.
+    """
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if str(trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if non_finite(grads):
+            raise TrainingDiverged(f"the gradients of step {trainer.global_step + 1} are non-finite: training "
+                                   "stopped before the update (try a lower learning rate, or --precision 32)")
 
 
 class Throughput(pl.Callback):

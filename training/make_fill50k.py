@@ -42,6 +42,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ldm.errors import DEBUG_HELP, InputError, OutputExistsError, UserError, command_line
+
 # CSS/X11 colour names written as words, with their sRGB values.
 NAMED_COLORS: dict[str, tuple[int, int, int]] = {
     "aquamarine": (127, 255, 212),
@@ -175,7 +177,7 @@ def sample_fill50k(rng: np.random.Generator, size: int) -> dict[str, Any]:
     The circle lies fully inside the image.
     """
     if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+        raise InputError(f"size must be at least {MIN_SIZE}, got {size}")
     r_min = max(1, round(MIN_RADIUS_FRACTION * size))
     r_max = max(r_min, round(MAX_RADIUS_FRACTION * size))
     radius = int(rng.integers(r_min, r_max + 1))
@@ -209,7 +211,7 @@ def sample_rng(seed: int, index: int) -> np.random.Generator:
 
 def _write_png(path: Path, rgb: np.ndarray) -> None:
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+        raise UserError(f"could not write {path} (is the disk full, or the folder not writable?)")
 
 
 def _write_one(args: tuple[Path, int, int, int]) -> str:
@@ -233,12 +235,12 @@ def make_fill50k(
     """
     out = Path(out)
     if n < 1:
-        raise ValueError(f"n must be positive, got {n}")
+        raise InputError(f"n must be positive, got {n}")
     if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE}, got {size}")
+        raise InputError(f"size must be at least {MIN_SIZE}, got {size}")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+            raise OutputExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
         for sub in ("source", "target"):
             shutil.rmtree(out / sub, ignore_errors=True)
         (out / "prompt.json").unlink(missing_ok=True)
@@ -256,9 +258,10 @@ def make_fill50k(
     return prompt_path
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=DEBUG_HELP)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--n", type=int, default=50000, help="number of samples (default 50000)")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
@@ -266,13 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing set in --out")
     args = parser.parse_args(argv)
-    try:
-        path = make_fill50k(
-            args.out, args.n, args.size, args.seed, overwrite=args.overwrite, workers=args.workers
-        )
-    except (FileExistsError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    path = make_fill50k(args.out, args.n, args.size, args.seed, overwrite=args.overwrite, workers=args.workers)
     print(f"wrote {args.n} samples ({args.size}x{args.size}, seed {args.seed}) to {path.parent}")
     return 0
 

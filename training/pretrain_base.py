@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 
 from cldm.model import create_model, load_config
+from ldm.errors import DEBUG_HELP, InputError, TrainingDiverged, command_line
 from ldm.models.autoencoder import IdentityFirstStage
+from ldm.util import settings_from
 from training.make_fill50k import sample_fill50k
 
 
@@ -86,7 +88,7 @@ def pretrain(model: Any, cfg: PretrainConfig, log: Callable[[str], None] = print
     than the last step's weights do.
     """
     if not isinstance(model.first_stage_model, IdentityFirstStage) or model.parameterization not in ("eps", "v"):
-        raise ValueError("pretrain_base.py trains pixel-space (IdentityFirstStage) eps- or v-prediction models only")
+        raise InputError("pretrain_base.py trains pixel-space (IdentityFirstStage) eps- or v-prediction models only")
     model.materialize()
     unet, text = model.model.diffusion_model, model.cond_stage_model
     text.frozen = False  # the demo's text encoder learns its colour names; frozen again before saving
@@ -121,7 +123,7 @@ def pretrain(model: Any, cfg: PretrainConfig, log: Callable[[str], None] = print
                     average.lerp_(p.detach(), 1.0 - decay)
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss is {losses[-1]} at step {step}: lower --learning_rate")
+            raise TrainingDiverged(f"loss is {losses[-1]} at step {step}: lower --learning_rate")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             elapsed = time.time() - start
             recent = float(np.mean(losses[-cfg.log_every:]))
@@ -167,19 +169,15 @@ def save_sample_grid(model: Any, path: Path, seed: int, n: int = 8, guidance_sca
     save_grid([heldout.targets, generate(model, heldout.prompts, None, seed, guidance_scale=guidance_scale)], path)
 
 
-def config_from(section: Any, overrides: dict[str, Any]) -> PretrainConfig:
+def config_from(section: Any, overrides: dict[str, Any], where: str = "config") -> PretrainConfig:
     """Defaults, then the YAML's `pretrain:` section, then the flags given on the command line."""
-    known = {f.name for f in fields(PretrainConfig)}
-    values = {k: v for k, v in dict(section or {}).items() if k in known}
-    unknown = set(dict(section or {})) - known
-    if unknown:
-        raise ValueError(f"unknown pretrain settings in the config: {', '.join(sorted(unknown))}")
-    cfg = replace(PretrainConfig(), **values)
+    cfg = settings_from(PretrainConfig, section, f"{where}: pretrain")
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=DEBUG_HELP)
     parser.add_argument("--config", default="configs/base_fill50k.yaml", help="ControlLDM-shaped pixel-space YAML")
     parser.add_argument("--out", type=Path, default=Path("models/base_fill50k.ckpt"), help="checkpoint to write")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the config's)")
@@ -188,21 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learning_rate", type=float, default=None)
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of the base's samples")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        cfg = config_from(config.get("pretrain"), {"steps": args.steps, "seed": args.seed,
-                                                   "batch_size": args.batch_size,
-                                                   "learning_rate": args.learning_rate})
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config)
+    cfg = config_from(config.get("pretrain"), {"steps": args.steps, "seed": args.seed, "batch_size": args.batch_size,
+                                               "learning_rate": args.learning_rate}, args.config)
     torch.manual_seed(cfg.seed)  # the random initialisation
     model = create_model(args.config)
-    try:
-        losses = pretrain(model, cfg)
-    except (ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    losses = pretrain(model, cfg)
     meta = {"config": Path(args.config).read_text(encoding="utf-8"), "pretrain": asdict(cfg),
             "final_loss": float(np.mean(losses[-cfg.log_every:]))}
     save_checkpoint(base_state_dict(model), args.out, meta)

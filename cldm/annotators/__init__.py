@@ -30,6 +30,7 @@ from cldm.annotators.normal import NORMAL_BG_THRESHOLD_DEFAULT, NORMAL_BG_THRESH
 from cldm.annotators.openpose import OpenposeDetector, draw_bodypose
 from cldm.annotators.seg import ADE20K_PALETTE, Segmenter, colorize_ade20k
 from cldm.control_image import to_rgb_uint8
+from ldm.errors import InputError
 
 __all__ = [
     "ADE20K_PALETTE",
@@ -104,7 +105,7 @@ def _resolve(threshold: Threshold | None, value: float | None, name: str) -> flo
     if value is None:
         return threshold.default
     if not threshold.minimum <= value <= threshold.maximum:
-        raise ValueError(f"{name}: {threshold.name}={value} is outside [{threshold.minimum}, {threshold.maximum}]")
+        raise InputError(f"{name}: {threshold.name}={value} is outside [{threshold.minimum}, {threshold.maximum}]")
     return float(value)
 
 
@@ -174,5 +175,5 @@ def get_preprocessor(
     """
     key = name.strip().lower()
     if key not in PREPROCESSOR_INFO:
-        raise ValueError(f"unknown preprocessor {name!r}; known: {', '.join(PREPROCESSORS)}")
+        raise InputError(f"unknown preprocessor {name!r}; known: {', '.join(PREPROCESSORS)}")
     return Preprocessor(PREPROCESSOR_INFO[key], _build(key, model_dir, device))

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 
 from cldm.control_image import resize_image_to_resolution, to_rgb_uint8
+from ldm.errors import MissingFileError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ANNOTATOR_DIR = REPO_ROOT / "models" / "annotators"
 
 
-class MissingAnnotatorWeights(FileNotFoundError):
+class MissingAnnotatorWeights(MissingFileError):
     """An annotator's weight file is absent; the message names the file and where to put it.
 
     Nothing is downloaded at run time, so the user must place the file themselves.

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from cldm.annotators.base import annotator_dir, as_device, prepare_input, require_file
+from cldm.checkpoint import CheckpointError, load_state_dict
+from ldm.errors import one_line
 
 BODY_POSE_FILENAME = "body_pose_model.pth"
 NUM_KEYPOINTS = 18
@@ -333,7 +335,10 @@ class OpenposeDetector:
         if self._net is None:
             path = require_file(self.model_dir, BODY_POSE_FILENAME, "OpenPose body model")
             net = BodyPoseNet()
-            net.load_original_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                net.load_original_state_dict(load_state_dict(path))
+            except (KeyError, RuntimeError) as err:
+                raise CheckpointError(f"{path}: not the original OpenPose body model ({one_line(err)})") from err
             self._net = net.eval().to(self.device)
         return self._net
 

@@ -28,6 +28,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from ldm.errors import TrainingDiverged
 from ldm.models.deferred import DeferredParts, build_deferred, first_parameter
 from ldm.models.diffusion.loss import DiffusionLoss
 from ldm.models.diffusion.schedule import (
@@ -82,8 +83,8 @@ class LatentDiffusion(pl.LightningModule):
     """Stable Diffusion's diffusion process around a UNet, a first stage (VAE) and a text encoder.
 
     Parameters are the original's; those that only the original's unused code paths read
-    (`num_timesteps_cond`, `monitor`, `log_every_t`, `cond_stage_trainable`, ...) are accepted and stored
-    so the YAMLs load unchanged.
+    (`num_timesteps_cond`, `monitor`, `log_every_t`, `clip_denoised`, ...) are accepted and ignored so the
+    YAMLs load unchanged.
     """
 
     def __init__(self, unet_config: Any, first_stage_config: Any, cond_stage_config: Any, *,
@@ -116,10 +117,7 @@ class LatentDiffusion(pl.LightningModule):
         self.image_size = image_size
         self.channels = channels
         self.scale_factor = scale_factor
-        self.log_every_t = log_every_t
-        self.clip_denoised = clip_denoised
-        self.monitor = monitor
-        self.use_ema = False
+        self.use_ema = False  # read by the original's scripts
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = _frozen(instantiate_from_config(first_stage_config))
         self.cond_stage_model = _frozen(instantiate_from_config(cond_stage_config))
@@ -263,10 +261,8 @@ class LatentDiffusion(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss, logs = self.shared_step(batch)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {self.global_step}: training stopped; the last checkpoint "
-                "written is intact (try a lower learning rate or --precision 32)"
-            )
+            raise TrainingDiverged(f"the loss of step {self.global_step + 1} is {loss.item()}: training stopped "
+                                   "(try a lower learning rate, or --precision 32)")
         self.log_dict(logs, prog_bar=True, logger=True, on_step=True, on_epoch=False)
         return loss
 

@@ -91,15 +91,20 @@ class NoiseSchedule:
         return cls(module.sqrt_alphas_cumprod, module.sqrt_one_minus_alphas_cumprod,
                    module.sqrt_recip_alphas_cumprod, module.sqrt_recipm1_alphas_cumprod)
 
+    def _mix(self, t: torch.Tensor, *terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """sum of coefficient[t] * value over `(coefficient buffer, value)` terms, broadcast over each image."""
+        first, *rest = (extract_into_tensor(coefficient, t, value.shape) * value for coefficient, value in terms)
+        for term in rest:
+            first = first + term
+        return first
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x0.shape) * x0
-                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+        return self._mix(t, (self.sqrt_alphas_cumprod, x0), (self.sqrt_one_minus_alphas_cumprod, noise))
 
     def v_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = sqrt(a_t) eps - sqrt(1 - a_t) x0."""
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x0.shape) * noise
-                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0)
+        return self._mix(t, (self.sqrt_alphas_cumprod, noise), (self.sqrt_one_minus_alphas_cumprod, -x0))
 
     def target(self, parameterization: str, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What a network of this parameterization is trained to output."""
@@ -110,16 +115,13 @@ class NoiseSchedule:
         return x0
 
     def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+        return self._mix(t, (self.sqrt_alphas_cumprod, x_t), (self.sqrt_one_minus_alphas_cumprod, -v))
 
     def eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
-                + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+        return self._mix(t, (self.sqrt_alphas_cumprod, v), (self.sqrt_one_minus_alphas_cumprod, x_t))
 
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-                - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+        return self._mix(t, (self.sqrt_recip_alphas_cumprod, x_t), (self.sqrt_recipm1_alphas_cumprod, -eps))
 
 
 def eps_and_x0(model_output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, parameterization: str

@@ -21,6 +21,8 @@ import ftfy
 import regex
 import torch
 
+from ldm.errors import MissingFileError
+
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 START_TOKEN_ID = 49406
 END_TOKEN_ID = 49407
@@ -34,7 +36,7 @@ _WORD_PATTERN = (
 )
 
 
-class BPEVocabNotFoundError(FileNotFoundError):
+class BPEVocabNotFoundError(MissingFileError):
     """The CLIP BPE vocabulary file could not be found."""
 
 
