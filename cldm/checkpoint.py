@@ -32,8 +32,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from cldm.formats import DIFFERENCE_KEY, DIFFUSERS_WEIGHTS, from_diffusers, is_diffusers_controlnet, undo_difference
-from ldm.errors import InputError, MissingFileError, OutputExistsError, UserError
+from cldm.formats import (
+    DIFFERENCE_KEY,
+    DIFFUSERS_WEIGHTS,
+    PIPELINE_INDEX,
+    UNET_PREFIX,
+    from_diffusers,
+    is_diffusers_controlnet,
+    sd_from_diffusers_pipeline,
+    undo_difference,
+)
+from ldm.errors import InputError, MissingFileError, OutputExistsError, UserError, one_line
 
 # ----- errors ------------------------------------------------------------------------------------------------
 
@@ -47,11 +56,8 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # ----- layout ------------------------------------------------------------------------------------------------
-#: Key prefixes of the parts of a ControlLDM checkpoint.
-UNET_PREFIX = "model.diffusion_model."
+#: Key prefixes of the parts of a ControlLDM checkpoint (those of SD itself are defined with its layouts).
 CONTROL_PREFIX = "control_model."
-VAE_PREFIX = "first_stage_model."
-TEXT_PREFIX = "cond_stage_model."
 #: Submodules only a ControlNet has: a file holding them without a prefix is a control-only checkpoint.
 CONTROL_ONLY_PARTS = ("input_hint_block.", "zero_convs.", "middle_block_out.")
 #: The first cross-attention key of SD1.x/2.x UNets and ControlNets; its input width is the text width.
@@ -157,6 +163,13 @@ class Checkpoint:
 def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu") -> Checkpoint:
     """Read a `.ckpt`/`.pth` (safely: `weights_only=True`) or `.safetensors` file, or a diffusers model folder."""
     path = Path(ckpt_path)
+    if path.is_dir() and (path / PIPELINE_INDEX).is_file():
+        try:
+            tensors = sd_from_diffusers_pipeline(path, lambda file: read_checkpoint(file, location).tensors)
+        except (InputError, KeyError) as err:
+            raise CheckpointError(f"{path}: not a Stable Diffusion pipeline this project reads ({one_line(err)})") \
+                from err
+        return Checkpoint(path, tensors, {}, {})
     if path.is_dir() and (path / DIFFUSERS_WEIGHTS).is_file():
         path = path / DIFFUSERS_WEIGHTS
     if not path.is_file():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ldm.errors import InputError
+from ldm.models.diffusion.schedule import SCHEDULE_BUFFERS, schedule_values
+from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 #: The marker key of the web UI's difference layout (its value is never read).
 DIFFERENCE_KEY = "difference"
@@ -37,6 +39,10 @@ METADATA_PREFIX = "controlnet."
 #: A ResBlock's layers under ldm names -> diffusers' ResnetBlock2D names.
 RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+
+
+#: (our prefix, diffusers' prefix, renames of the part after the prefix).
+PrefixTable = list[tuple[str, str, Mapping[str, str]]]
 
 
 @dataclass(frozen=True)
@@ -67,21 +73,16 @@ class EncoderLayout:
             raise InputError("not a diffusers ControlNet: no down_blocks.*.resnets.* tensors")
         return cls(tuple(len(resnets[i]) for i in sorted(resnets)), len(hint_blocks) + 2)
 
-    def prefixes(self) -> list[tuple[str, str, Mapping[str, str]]]:
-        """(our prefix, diffusers' prefix, renames inside) for every module; a table usable in both directions."""
-        table: list[tuple[str, str, Mapping[str, str]]] = [
+    def encoder_prefixes(self) -> PrefixTable:
+        """The rows the UNet encoder and the ControlNet share: time and vector embeddings, input and middle blocks."""
+        table: PrefixTable = [
             ("time_embed.0.", "time_embedding.linear_1.", {}), ("time_embed.2.", "time_embedding.linear_2.", {}),
             ("label_emb.0.0.", "add_embedding.linear_1.", {}), ("label_emb.0.2.", "add_embedding.linear_2.", {}),
             ("input_blocks.0.0.", "conv_in.", {}),
             ("middle_block.0.", "mid_block.resnets.0.", RESNET_NAMES),
             ("middle_block.1.", "mid_block.attentions.0.", {}),
             ("middle_block.2.", "mid_block.resnets.1.", RESNET_NAMES),
-            ("middle_block_out.0.", "controlnet_mid_block.", {}),
-            ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.", {}),
-            (f"input_hint_block.{2 * (self.hint_convs - 1)}.", "controlnet_cond_embedding.conv_out.", {}),
         ]
-        table += [(f"input_hint_block.{2 * (k + 1)}.", f"controlnet_cond_embedding.blocks.{k}.", {})
-                  for k in range(self.hint_convs - 2)]
         block = 1
         for level, count in enumerate(self.res_blocks_per_level):
             for j in range(count):
@@ -91,25 +92,43 @@ class EncoderLayout:
             if level != len(self.res_blocks_per_level) - 1:
                 table.append((f"input_blocks.{block}.0.op.", f"down_blocks.{level}.downsamplers.0.conv.", {}))
                 block += 1
-        table += [(f"zero_convs.{k}.0.", f"controlnet_down_blocks.{k}.", {}) for k in range(block)]
         return table
+
+    @property
+    def input_blocks(self) -> int:
+        return 1 + sum(self.res_blocks_per_level) + len(self.res_blocks_per_level) - 1
+
+    def prefixes(self) -> PrefixTable:
+        """Every module of a ControlNet: the encoder's rows, the hint block, the zero convs."""
+        table = self.encoder_prefixes() + [
+            ("middle_block_out.0.", "controlnet_mid_block.", {}),
+            ("input_hint_block.0.", "controlnet_cond_embedding.conv_in.", {}),
+            (f"input_hint_block.{2 * (self.hint_convs - 1)}.", "controlnet_cond_embedding.conv_out.", {}),
+        ]
+        table += [(f"input_hint_block.{2 * (k + 1)}.", f"controlnet_cond_embedding.blocks.{k}.", {})
+                  for k in range(self.hint_convs - 2)]
+        return table + [(f"zero_convs.{k}.0.", f"controlnet_down_blocks.{k}.", {}) for k in range(self.input_blocks)]
 
     def rename(self, keys: Iterable[str], to_diffusers: bool) -> dict[str, str]:
         """Our name -> diffusers' (or back) for each of `keys`; a name the table does not know is an error."""
-        table = [(ours, theirs, renames) if to_diffusers else (theirs, ours, {v: k for k, v in renames.items()})
-                 for ours, theirs, renames in self.prefixes()]
-        names = {}
-        for key in keys:
-            for source, target, renames in table:
-                if key.startswith(source):
-                    rest = key[len(source):]
-                    inner, _, leaf = rest.rpartition(".")
-                    names[key] = target + (f"{renames.get(inner, inner)}.{leaf}" if inner else leaf)
-                    break
-            else:
-                side = "ours" if to_diffusers else "diffusers'"
-                raise InputError(f"ControlNet tensor {key!r} has no counterpart in the other layout ({side} names)")
-        return names
+        return rename(keys, self.prefixes(), to_diffusers)
+
+
+def rename(keys: Iterable[str], table: PrefixTable, to_diffusers: bool) -> dict[str, str]:
+    """Each key under the table's first matching prefix, to the other side's name; an unknown key is an error."""
+    rows = [(ours, theirs, renames) if to_diffusers else (theirs, ours, {v: k for k, v in renames.items()})
+            for ours, theirs, renames in table]
+    names = {}
+    for key in keys:
+        for source, target, renames in rows:
+            if key.startswith(source):
+                inner, _, leaf = key[len(source):].rpartition(".")
+                names[key] = target + (f"{renames.get(inner, inner)}.{leaf}" if inner else leaf)
+                break
+        else:
+            side = "ours" if to_diffusers else "diffusers'"
+            raise InputError(f"tensor {key!r} has no counterpart in the other layout ({side} names)")
+    return names
 
 
 def is_diffusers_controlnet(state: Mapping[str, Any]) -> bool:
@@ -220,3 +239,152 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as handle:
         header = handle.metadata() or {}
     return {k[len(METADATA_PREFIX):]: v for k, v in header.items() if k.startswith(METADATA_PREFIX)}
+
+
+# ----- a diffusers Stable Diffusion pipeline folder, read as an SD checkpoint ----------------------------------
+#: The file that marks a folder as a diffusers pipeline.
+PIPELINE_INDEX = "model_index.json"
+#: Key prefixes of the parts of an SD checkpoint in the original layout.
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model."
+VAE_RESNET_NAMES = {"nin_shortcut": "conv_shortcut"}
+VAE_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+#: transformers' CLIP text layer -> OpenCLIP's resblock, for the names that only differ (q/k/v are joined).
+OPEN_CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                         "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def unet_table(res_blocks_per_level: Sequence[int], attention: Sequence[bool]) -> PrefixTable:
+    """Our UNet's modules and diffusers' UNet2DConditionModel's: the encoder as the ControlNet's, then the decoder,
+    whose level `L - 1 - i` is diffusers' `up_blocks[i]`, with one ResBlock more per level than the encoder."""
+    table = EncoderLayout(tuple(res_blocks_per_level), hint_convs=2).encoder_prefixes()
+    block = 0
+    for i, level in enumerate(reversed(range(len(res_blocks_per_level)))):
+        for j in range(res_blocks_per_level[level] + 1):
+            table.append((f"output_blocks.{block}.0.", f"up_blocks.{i}.resnets.{j}.", RESNET_NAMES))
+            if attention[level]:
+                table.append((f"output_blocks.{block}.1.", f"up_blocks.{i}.attentions.{j}.", {}))
+            block += 1
+        if level != 0:
+            upsampler = 2 if attention[level] else 1
+            table.append((f"output_blocks.{block - 1}.{upsampler}.conv.", f"up_blocks.{i}.upsamplers.0.conv.", {}))
+    return table + [("out.0.", "conv_norm_out.", {}), ("out.2.", "conv_out.", {})]
+
+
+def vae_table(levels: int, res_blocks: int) -> PrefixTable:
+    """Our KL autoencoder's modules and diffusers' AutoencoderKL's; the decoder's level order is reversed there."""
+    table: PrefixTable = [("quant_conv.", "quant_conv.", {}), ("post_quant_conv.", "post_quant_conv.", {})]
+    for side in ("encoder", "decoder"):
+        table += [(f"{side}.conv_in.", f"{side}.conv_in.", {}), (f"{side}.conv_out.", f"{side}.conv_out.", {}),
+                  (f"{side}.norm_out.", f"{side}.conv_norm_out.", {}),
+                  (f"{side}.mid.block_1.", f"{side}.mid_block.resnets.0.", VAE_RESNET_NAMES),
+                  (f"{side}.mid.block_2.", f"{side}.mid_block.resnets.1.", VAE_RESNET_NAMES),
+                  (f"{side}.mid.attn_1.", f"{side}.mid_block.attentions.0.", VAE_ATTENTION_NAMES)]
+    for level in range(levels):
+        table += [(f"encoder.down.{level}.block.{j}.", f"encoder.down_blocks.{level}.resnets.{j}.", VAE_RESNET_NAMES)
+                  for j in range(res_blocks)]
+        if level != levels - 1:
+            table.append((f"encoder.down.{level}.downsample.conv.", f"encoder.down_blocks.{level}.downsamplers.0.conv.",
+                          {}))
+        up = levels - 1 - level
+        table += [(f"decoder.up.{level}.block.{j}.", f"decoder.up_blocks.{up}.resnets.{j}.", VAE_RESNET_NAMES)
+                  for j in range(res_blocks + 1)]
+        if level != 0:
+            table.append((f"decoder.up.{level}.upsample.conv.", f"decoder.up_blocks.{up}.upsamplers.0.conv.", {}))
+    return table
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a readable diffusers config ({type(err).__name__})") from err
+
+
+def _weights_file(folder: Path) -> Path:
+    """A diffusers part's weights: the plain safetensors file, else a variant (fp16), else a pickled `.bin`."""
+    for pattern in ("diffusion_pytorch_model.safetensors", "model.safetensors", "*.safetensors", "*.bin"):
+        found = sorted(folder.glob(pattern))
+        if found:
+            return found[0]
+    raise InputError(f"{folder}: no weights file (*.safetensors or *.bin) in this part of the diffusers pipeline")
+
+
+def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, torch.Tensor]]
+                               ) -> dict[str, torch.Tensor]:
+    """A diffusers `StableDiffusionPipeline` folder (`unet/`, `vae/`, `text_encoder/`) as an SD checkpoint in the
+    original layout. `read` reads one weights file (the caller's safe reader).
+
+    SD2.x's text encoder (OpenCLIP's, stored by diffusers as a transformers CLIPTextModel) goes back to OpenCLIP's
+    names; diffusers drops its last block, which SD2 never runs, and its projection: both come back as zeros (a zero
+    block adds nothing to its input; the projection is unused by the UNet's conditioning).
+    """
+    parts = {name: folder / name for name in ("unet", "vae", "text_encoder")}
+    missing = [name for name, path in parts.items() if not (path / DIFFUSERS_CONFIG).is_file()]
+    if missing:
+        raise InputError(f"{folder}: a diffusers pipeline without {', '.join(missing)} "
+                         f"(each part needs its {DIFFUSERS_CONFIG})")
+    unet_config = _read_json(parts["unet"] / DIFFUSERS_CONFIG)
+    levels = len(unet_config["block_out_channels"])
+    per_level = unet_config.get("layers_per_block", 2)
+    res_blocks = list(per_level) if isinstance(per_level, list) else [per_level] * levels
+    attention = ["CrossAttn" in kind for kind in unet_config["down_block_types"]]
+    unet = read(_weights_file(parts["unet"]))
+    state = {UNET_PREFIX + name: unet[key] for key, name in rename(unet, unet_table(res_blocks, attention),
+                                                                  to_diffusers=False).items()}
+    vae_config = _read_json(parts["vae"] / DIFFUSERS_CONFIG)
+    vae = read(_weights_file(parts["vae"]))
+    for key, name in rename(vae, vae_table(len(vae_config["block_out_channels"]), vae_config["layers_per_block"]),
+                            to_diffusers=False).items():
+        tensor = vae[key]
+        if ".mid.attn_1." in name and name.endswith("weight") and tensor.dim() == 2:
+            tensor = tensor[:, :, None, None]  # our attention's projections are 1x1 convolutions
+        state[VAE_PREFIX + name] = tensor
+    text_config = _read_json(parts["text_encoder"] / DIFFUSERS_CONFIG)
+    text = {k if k.startswith("text_model.") else "text_model." + k: v  # transformers 5 saves without that level
+            for k, v in read(_weights_file(parts["text_encoder"])).items() if not k.endswith("position_ids")}
+    if text_config.get("hidden_act") == "gelu":  # OpenCLIP's tower (SD2.x); CLIP's uses quick_gelu (SD1.x)
+        state.update({TEXT_PREFIX + k: v for k, v in open_clip_from_transformers(text).items()})
+    else:
+        state.update({f"{TEXT_PREFIX}transformer.{k}": v for k, v in text.items() if k.startswith("text_model.")})
+    return {**state, **schedule_of_pipeline(folder)}
+
+
+def schedule_of_pipeline(folder: Path) -> dict[str, torch.Tensor]:
+    """The schedule buffers an SD checkpoint carries, from the pipeline's scheduler config (SD's defaults without
+    one). diffusers' "scaled_linear" betas are what the original calls "linear"."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = _read_json(path) if path.is_file() else {}
+    kind = config.get("beta_schedule", "scaled_linear")
+    if kind != "scaled_linear":
+        raise InputError(f"{path}: beta_schedule {kind!r}; Stable Diffusion pipelines use 'scaled_linear'")
+    betas = make_beta_schedule("linear", config.get("num_train_timesteps", 1000), config.get("beta_start", 0.00085),
+                               config.get("beta_end", 0.012))
+    values = schedule_values(betas)
+    return {name: torch.tensor(values[name], dtype=torch.float32) for name in SCHEDULE_BUFFERS}
+
+
+def open_clip_from_transformers(text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP's text tower (`model.*` names) from diffusers' transformers-format copy of it (`text_model.*`)."""
+    prefix = "text_model.encoder.layers."
+    layers = 1 + max(int(k[len(prefix):].split(".")[0]) for k in text if k.startswith(prefix))
+    width = text["text_model.final_layer_norm.weight"].shape[0]
+    out = {"model.token_embedding.weight": text["text_model.embeddings.token_embedding.weight"],
+           "model.positional_embedding": text["text_model.embeddings.position_embedding.weight"],
+           "model.ln_final.weight": text["text_model.final_layer_norm.weight"],
+           "model.ln_final.bias": text["text_model.final_layer_norm.bias"],
+           "model.text_projection": torch.zeros(width, width), "model.logit_scale": torch.zeros(())}
+    for i in range(layers + 1):
+        ours = f"model.transformer.resblocks.{i}."
+        if i == layers:  # the block diffusers dropped: zeros (the residual block then adds nothing)
+            out.update({name.replace(f"resblocks.{i - 1}.", f"resblocks.{i}."): torch.zeros_like(tensor)
+                        for name, tensor in out.items() if name.startswith(f"model.transformer.resblocks.{i - 1}.")})
+            continue
+        theirs = f"{prefix}{i}."
+        for kind in ("weight", "bias"):
+            out[f"{ours}attn.in_proj_{kind}"] = torch.cat([text[f"{theirs}self_attn.{p}_proj.{kind}"]
+                                                           for p in ("q", "k", "v")])
+            out.update({f"{ours}{mine}.{kind}": text[f"{theirs}{name}.{kind}"]
+                        for name, mine in OPEN_CLIP_LAYER_NAMES.items()})
+    return out

@@ -113,8 +113,7 @@ def test_full_size_sd15_diffusers_folder_gives_our_residuals(tmp_path: Path) -> 
     src = save_full_checkpoint(tmp_path / "last.ckpt", net)
     export(str(src), str(tmp_path / "folder"), "--format", "diffusers", "--dtype", "fp32")
     model = diffusers.ControlNetModel.from_pretrained(tmp_path / "folder", local_files_only=True).eval()
-    inp = inputs(net, latent=4)  # a 32 px hint: the deepest level is 1 x 1
-    inp = {k: v[:1] for k, v in inp.items()}
+    inp = {k: v[:1] for k, v in inputs(net, latent=32).items()}  # a 32x32 latent, a 256 px hint
     assert_same_residuals(theirs(model, inp), ours(net, inp))
 
 
@@ -301,3 +300,94 @@ def test_unet_weights_and_control_weights_agree_with_the_prefixes(trained: dict[
     state = load_state_dict(trained["full"])
     assert all(UNET_PREFIX + k in state for k in unet_weights(state))
     assert all(CONTROL_PREFIX + k in state for k in control_weights(state, "full"))
+
+
+# ----- a diffusers Stable Diffusion pipeline folder as the base --------------------------------------------------
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD1.x pipeline that diffusers and transformers build and save themselves, shaped as cldm_tiny.yaml."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tmp_path_factory.mktemp("pipeline") / "sd_tiny_diffusers"
+    torch.manual_seed(11)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=32, attention_head_dim=2)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4,
+                                  layers_per_block=1, latent_channels=4)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=49408, max_position_embeddings=77,
+                                        hidden_act="quick_gelu"))
+    with torch.no_grad():  # no part left at an all-zero initialisation, so that every weight is seen
+        for model in (unet, vae, text):
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    text.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
+def test_a_diffusers_pipeline_is_a_base_for_add_control_and_computes_what_diffusers_does(
+        pipeline_folder: Path, tmp_path: Path) -> None:
+    from transformers import CLIPTextModel
+
+    from cldm.model import create_model
+
+    out = tmp_path / "ini.ckpt"
+    result = subprocess.run([sys.executable, "tool_add_control.py", str(pipeline_folder), str(out), "--config", TINY],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = create_model(TINY)
+    model.load_state_dict(load_state_dict(out))
+    model.eval()
+    g = torch.Generator().manual_seed(12)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700]), torch.randn(2, 77, 32, generator=g)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(pipeline_folder / "unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(pipeline_folder / "vae").eval()
+    text = CLIPTextModel.from_pretrained(pipeline_folder / "text_encoder").eval()
+    with torch.no_grad():
+        assert rel_err(model.model.diffusion_model(x, t, context=context),
+                       unet(x, t, encoder_hidden_states=context).sample) < 1e-5
+        image = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+        assert rel_err(model.first_stage_model.encode(image).mean, vae.encode(image).latent_dist.mean) < 1e-5
+        assert rel_err(model.first_stage_model.decode(x[:1]), vae.decode(x[:1]).sample) < 1e-5
+        ids = model.cond_stage_model.tokenize(["a red circle", ""])
+        assert rel_err(model.cond_stage_model.encode_tokens(ids), text(input_ids=ids).last_hidden_state) < 1e-5
+
+
+def test_generation_takes_a_diffusers_pipeline_as_base(pipeline_folder: Path, trained: dict[str, Path]) -> None:
+    from cldm.generation import ControlNetPipeline, ControlUnit
+
+    pipe = ControlNetPipeline.from_checkpoints(TINY, trained["diffusers"], base=pipeline_folder)
+    image = torch.rand(64, 64, 3).mul(255).byte().numpy()
+    result = pipe("a red circle", [ControlUnit(image)], width=64, height=64, steps=2, progress=False)
+    assert result.images[0].size == (64, 64)
+    assert len(result.settings["models"]["base"]["sha256"]) == 12
+
+
+@pytest.mark.parametrize("layer", ["penultimate", "last"])
+def test_sd2_text_encoder_from_a_diffusers_pipeline_computes_what_transformers_does(layer: str) -> None:
+    """diffusers stores SD2's OpenCLIP text tower as a transformers CLIPTextModel without its last block; ours gets
+    it back under OpenCLIP's names, the dropped block as zeros (which adds nothing: "last" equals "penultimate")."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cldm.formats import open_clip_from_transformers
+    from ldm.modules.encoders.modules import FrozenOpenCLIPEmbedder
+
+    torch.manual_seed(13)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=49408, max_position_embeddings=77,
+                                        hidden_act="gelu")).eval()
+    with torch.no_grad():
+        for p in text.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.state_dict().items()}
+    ours = FrozenOpenCLIPEmbedder(layer=layer, width=32, layers=3, heads=2, embed_dim=32)
+    ours.load_state_dict(open_clip_from_transformers(state), strict=True)
+    ids = ours.tokenize(["a house by the sea", ""])
+    with torch.no_grad():
+        assert rel_err(ours.encode_tokens(ids), text(input_ids=ids).last_hidden_state) < 1e-5
