@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 from cldm.model import load_config
 from ldm.errors import DEBUG_HELP, OutputExistsError, UserError, command_line
 from ldm.util import settings_from
+from training.fidelity import EvaluationSettings
 
 ROOT = Path(__file__).resolve().parent
 MARKER = ".made_by_demo"
@@ -57,8 +58,7 @@ class DemoSettings:
     fidelity_n: int = 16
     eval_n: int = 128
     eval_seed: int = 1
-    eval_guidance_scale: float = 3.0
-    eval_ddim_steps: int = 20
+    eval_ddim_steps: int | None = None  # None: the config's evaluation section (its guidance too)
     pretrain_steps: int | None = None  # None: the base config's own
 
 
@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
 
     size = int(OmegaConf.load(args.config).model.params.image_size)
+    ddim_steps = s.eval_ddim_steps or EvaluationSettings.of_config(args.config).ddim_steps
+
+    def eval_steps(flag: str) -> list[str]:
+        """Sampling steps for grids and scores: the config's evaluation section (fewer with --quick)."""
+        return [flag, str(ddim_steps)]
+
     if (data / "prompt.json").is_file() and len((data / "prompt.json").read_text().splitlines()) == s.data_n:
         print(f"\n== data: reusing {data} ({s.data_n} items)")
     else:
@@ -141,13 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         "tutorial_train.py", "--config", str(args.config), "--resume_path", str(initial), "--data", str(data),
         "--out", str(out), "--batch_size", str(s.batch_size), "--max_steps", str(s.max_steps),
         "--learning_rate", str(s.learning_rate), "--drop_prompt", str(s.drop_prompt),
-        "--logger_freq", str(s.logger_freq), "--log_ddim_steps", str(s.eval_ddim_steps), "--seed", str(s.seed),
+        "--logger_freq", str(s.logger_freq), "--seed", str(s.seed), *eval_steps("--log_ddim_steps"),
         "--fidelity_every", str(s.fidelity_every), "--fidelity_n", str(s.fidelity_n),
-        "--fidelity_kind", "fill50k", "--log_guidance_scale", str(s.eval_guidance_scale)], env)
+        "--fidelity_kind", "fill50k"], env)
     timings["evaluate"] = run("evaluate", [
         "-m", "training.fidelity", "--config", str(args.config), "--ckpt", str(out / "last.ckpt"),
-        "--n", str(s.eval_n), "--seed", str(s.eval_seed), "--ddim_steps", str(s.eval_ddim_steps),
-        "--guidance_scale", str(s.eval_guidance_scale), "--grid", str(out / "heldout.png")], env)
+        "--n", str(s.eval_n), "--seed", str(s.eval_seed), *eval_steps("--ddim_steps"),
+        "--grid", str(out / "heldout.png")], env)
 
     total = time.time() - start
     print("\n== done in {:.0f}s ({})".format(total, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())))

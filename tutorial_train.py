@@ -22,6 +22,7 @@ from cldm.cldm import OPTIMIZERS
 from cldm.logger import ImageLogger
 from cldm.model import create_model
 from ldm.errors import DEBUG_HELP, InputError, MissingFileError, TrainingDiverged, command_line
+from training.fidelity import EvaluationSettings, fidelity_callback_from_args
 from training.loop import (
     AtomicCheckpointIO,
     ExactResume,
@@ -48,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adamw (fused where the device has it) or adamw8bit (bitsandbytes, CUDA only, less memory)")
     p.add_argument("--logger_freq", type=int, default=300, help="image grids every N steps")
     p.add_argument("--log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
-    p.add_argument("--log_guidance_scale", type=float, default=9.0,
-                   help="classifier-free guidance of the samples drawn during training: image grids and fidelity")
+    p.add_argument("--log_guidance_scale", type=float, default=None,
+                   help="classifier-free guidance of the samples drawn during training: image grids and fidelity "
+                        "(default: the config's evaluation section, else 9)")
     p.add_argument("--save_every", type=int, default=None, help="write last.ckpt every N steps (default: logger_freq)")
     p.add_argument("--sd_locked", action=argparse.BooleanOptionalAction, default=True,
                    help="keep SD frozen (--no-sd_locked also trains the UNet decoder)")
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.seed_everything(args.seed, workers=True)
 
     # Configs
+    evaluation = EvaluationSettings.of_config(args.config)
+    log_guidance = evaluation.guidance_scale if args.log_guidance_scale is None else args.log_guidance_scale
     model = create_model(args.config).cpu()
     if not resuming:  # a resumed run takes every weight from last.ckpt
         load_weights(model, args.resume_path)
@@ -163,18 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     callbacks: list[pl.Callback] = [
         ImageLogger(batch_frequency=args.logger_freq, save_dir=out,
                     log_images_kwargs={"ddim_steps": args.log_ddim_steps,
-                                       "unconditional_guidance_scale": args.log_guidance_scale}),
+                                       "unconditional_guidance_scale": log_guidance}),
         ExactResume(sampler, samples_per_step),
         Throughput(args.batch_size),
         StopOnNonFiniteGradients(),
         last_checkpoint,
     ]
     if args.fidelity_every > 0:
-        from training.fidelity import fidelity_callback_from_args
-
         callbacks.append(fidelity_callback_from_args(
             kind=args.fidelity_kind, every_n_steps=args.fidelity_every, n=args.fidelity_n, seed=args.seed,
-            data_root=args.data, image_size=args.image_size, out_dir=str(out), guidance_scale=args.log_guidance_scale))
+            data_root=args.data, image_size=args.image_size, out_dir=str(out), guidance_scale=log_guidance,
+            ddim_steps=evaluation.ddim_steps))
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, strategy=args.strategy, precision=args.precision,
         max_steps=args.max_steps, accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks,

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from training.dataset import ControlDataset
 from training.fidelity import (
     HELDOUT_START,
+    EvaluationSettings,
     FidelityCallback,
     HeldOut,
     detect_kind,
@@ -198,3 +199,27 @@ def test_cli_reports_a_missing_checkpoint_in_one_line(tmp_path: Path, capsys: py
     assert main(["--config", str(TINY_CONFIG), "--ckpt", str(tmp_path / "nope.ckpt"), "--n", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_cli_samples_as_the_configs_evaluation_section_says(tmp_path: Path, tiny_state: dict[str, torch.Tensor],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The demo's figure is re-checked the way the demo measured it: guidance and steps from the config; a flag wins."""
+    from conftest import TINY_CONFIG
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(TINY_CONFIG)
+    config.evaluation = {"guidance_scale": 3.5, "ddim_steps": 2}
+    path = tmp_path / "with_evaluation.yaml"
+    OmegaConf.save(config, path)
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": tiny_state}, ckpt)
+    base = ["--config", str(path), "--ckpt", str(ckpt), "--n", "1"]
+    assert main(base) == 0
+    assert "sampled with guidance 3.5, 2 DDIM steps" in capsys.readouterr().out
+    assert main([*base, "--guidance_scale", "1.5", "--ddim_steps", "3"]) == 0
+    assert "sampled with guidance 1.5, 3 DDIM steps" in capsys.readouterr().out
+    config.evaluation = {"guidance": 3.0}
+    OmegaConf.save(config, path)
+    assert main(base) == 2
+    assert "unknown settings guidance" in capsys.readouterr().err
+    assert EvaluationSettings.of_config(TINY_CONFIG) == EvaluationSettings(9.0, 20)

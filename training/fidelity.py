@@ -43,8 +43,9 @@ from PIL import Image
 from cldm.checkpoint import load_weights
 from cldm.control import Control
 from cldm.metrics import circle_mask_from_colors, color_accuracy, edge_f1, iou
-from cldm.model import create_model
+from cldm.model import create_model, load_config
 from ldm.errors import DEBUG_HELP, InputError, command_line
+from ldm.util import settings_from
 from training.dataset import ControlDataset
 from training.make_fill50k import sample_fill50k, sample_rng
 
@@ -55,6 +56,22 @@ HELDOUT_START = 10**9
 FILL50K_PROMPT = re.compile(r"^[a-z ]+ circle with [a-z ]+ background$")
 #: Canny edges sit on either side of a boundary; one pixel of slack keeps F1 about shape, not that choice.
 EDGE_TOLERANCE = 1
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How a model is sampled when it is scored: its config's `evaluation:` section, else SD's usual values.
+
+    The fidelity command line and callback, and training-time image grids, take these unless a flag says otherwise,
+    so that a re-check of a checkpoint reproduces the figure its training curve showed.
+    """
+
+    guidance_scale: float = 9.0
+    ddim_steps: int = 20
+
+    @classmethod
+    def of_config(cls, config_path: str | Path) -> EvaluationSettings:
+        return settings_from(cls, load_config(config_path).get("evaluation"), f"{config_path}: evaluation")
 
 
 # ----- held-out sets ---------------------------------------------------------------------------------------
@@ -444,13 +461,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64, help="held-out hints (default 64)")
     parser.add_argument("--seed", type=int, default=1, help="held-out set and noise seed (default 1)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the config's)")
-    parser.add_argument("--ddim_steps", type=int, default=20)
-    parser.add_argument("--guidance_scale", type=float, default=9.0)
+    parser.add_argument("--ddim_steps", type=int, default=None,
+                        help="default: the config's evaluation section, else 20")
+    parser.add_argument("--guidance_scale", type=float, default=None,
+                        help="default: the config's evaluation section, else 9")
     parser.add_argument("--grid", type=Path, default=None,
                         help="write a PNG: rows of hints, true images, samples with control, without (first 16)")
     args = parser.parse_args(argv)
-    result = evaluate_checkpoint(args.config, args.ckpt, args.n, args.seed, args.size, args.ddim_steps,
-                                 args.guidance_scale, args.grid)
+    settings = EvaluationSettings.of_config(args.config)
+    guidance = settings.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    steps = settings.ddim_steps if args.ddim_steps is None else args.ddim_steps
+    result = evaluate_checkpoint(args.config, args.ckpt, args.n, args.seed, args.size, steps, guidance, args.grid)
+    print(f"sampled with guidance {guidance:g}, {steps} DDIM steps")
     print(f"n={args.n} seed={args.seed} color_acc={result['color_acc']:.3f} "
           f"baseline_color_acc={result['baseline_color_acc']:.3f}")
     print(f"iou={result['iou']:.3f} baseline={result['baseline']:.3f}")
