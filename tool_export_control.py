@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,9 +27,8 @@ from torch import nn
 
 from cldm.checkpoint import (
     CONTROL_PREFIX,
-    SAFETENSORS_SUFFIX,
     CheckpointError,
-    atomic_write,
+    atomic_folder,
     check_control_fits,
     check_output_path,
     config_for_unet,
@@ -42,32 +38,35 @@ from cldm.checkpoint import (
     family_of,
     key_groups,
     read_checkpoint,
+    save_state_dict,
     unet_weights,
 )
 from cldm.formats import (
     DIFFUSERS_CONFIG,
     DIFFUSERS_WEIGHTS,
+    METADATA_PREFIX,
     EncoderLayout,
     difference,
     diffusers_config,
     metadata,
-    read_metadata,
     tensor_digest,
     to_diffusers,
     undo_difference,
 )
 from cldm.model import load_config
-from ldm.errors import DEBUG_HELP, InputError, OutputExistsError, command_line
+from ldm.errors import DEBUG_HELP, InputError, command_line
 from ldm.util import instantiate_from_config
 
 FORMATS = ("control", "diffusers")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def build_control_net(config: str | Path) -> nn.Module:
-    """The config's ControlNet on the meta device: its names, shapes and architecture, nothing allocated."""
-    with torch.device("meta"):
-        return instantiate_from_config(load_config(config).model.params.control_stage_config)
+def control_stage_config(config: str | Path) -> Any:
+    """The ControlNet part of a model config (what an exported file records as its architecture)."""
+    params = load_config(config).model.get("params") or {}
+    if "control_stage_config" not in params:
+        raise InputError(f"{config}: has no model.params.control_stage_config (not a ControlLDM config)")
+    return params.control_stage_config
 
 
 def export_control(src: str | Path, out: str | Path, *, fmt: str = "control", dtype: str = "fp16", diff: bool = False,
@@ -78,14 +77,19 @@ def export_control(src: str | Path, out: str | Path, *, fmt: str = "control", dt
         raise InputError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    out = _check_output(Path(out), fmt)
+    if diff and fmt != "control":
+        raise InputError("the difference layout is a control file; it does not combine with --format diffusers")
+    out = Path(out)
+    if fmt == "control":
+        check_output_path(out)
     source = read_checkpoint(src)
     base_unet = unet_weights(read_checkpoint(base).tensors) if base is not None else unet_weights(source.tensors)
     control = control_weights(source.tensors, src, base_unet or None)
     config = str(config) if config is not None else config_for_unet(control, "", str(src))
-    net = build_control_net(config)
+    net_config = control_stage_config(config)
+    with torch.device("meta"):  # names, shapes and architecture: nothing allocated
+        net = instantiate_from_config(net_config)
     check_control_fits(control, nn.Module.state_dict(net), str(src), config)
-    inexact = 0
     if diff and not base_unet:
         raise CheckpointError(f"{src}: holds no UNet to take the difference over: pass --base")
     cast = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in control.items()}
@@ -94,68 +98,34 @@ def export_control(src: str | Path, out: str | Path, *, fmt: str = "control", dt
     earlier = source.metadata  # a control file exported before passes its provenance on
     info = metadata({
         "format": "diff" if diff else fmt, "family": family.name if family else describe_family(width),
-        "dtype": dtype, "config": load_config(config).model.params.control_stage_config,
+        "dtype": dtype, "config": net_config,
         "steps": source.extras.get("global_step", earlier.get("controlnet.steps")),
         "base_unet_sha256": tensor_digest(base_unet) if base_unet else earlier.get("controlnet.base_unet_sha256"),
         "source": str(src), "command": command,
     })
+    inexact = 0
     if fmt == "diffusers":
-        _write_diffusers(out, to_diffusers(cast, EncoderLayout.of(net)), diffusers_config(net), info)
-        written = len(cast)
+        config_json = diffusers_config(net)  # first: a ControlNet diffusers cannot express is refused plainly
+        tensors = to_diffusers(cast, EncoderLayout.of(net))
+        atomic_folder(out, lambda tmp: _fill_diffusers_folder(tmp, tensors, config_json, info))
     else:
         tensors = difference(cast, base_unet) if diff else cast
         if diff:
             rebuilt = undo_difference(tensors, base_unet)
             inexact = sum(int((rebuilt[k] != v).sum()) for k, v in cast.items())
-        prefixed = {(CONTROL_PREFIX + k if k in cast else k): v for k, v in tensors.items()}
-        _write_control(out, prefixed, info)
-        written = len(prefixed)
+        tensors = {(CONTROL_PREFIX + k if k in cast else k): v for k, v in tensors.items()}
+        save_state_dict(tensors, out, metadata=info)
     return {"source": str(src), "output": str(out), "format": "diff" if diff else fmt, "dtype": dtype,
-            "config": config, "inexact": inexact, "tensors": written,
+            "config": config, "inexact": inexact, "tensors": len(tensors),
             "groups": key_groups(CONTROL_PREFIX + k for k in cast), "bytes": _size(out)}
 
 
-def _check_output(out: Path, fmt: str) -> Path:
-    if fmt == "diffusers":
-        if out.exists():
-            raise OutputExistsError(f"{out}: already exists; refusing to overwrite it (choose another name)")
-        if not out.parent.is_dir():
-            raise CheckpointError(f"{out.parent}: output folder does not exist")
-        return out
-    return check_output_path(out)
-
-
-def _write_control(out: Path, tensors: Mapping[str, torch.Tensor], info: Mapping[str, str]) -> None:
-    if out.suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import save_file
-
-        atomic_write(out, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                                                metadata=dict(info)))
-    else:  # the released .pth layout: a plain dict of tensors (pickles carry no metadata header)
-        atomic_write(out, lambda tmp: torch.save(dict(tensors), tmp))
-
-
-def _write_diffusers(out: Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                     info: Mapping[str, str]) -> None:
-    """A diffusers model folder, made beside OUT under a temporary name and renamed into place when complete."""
+def _fill_diffusers_folder(folder: Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                           info: Mapping[str, str]) -> None:
     from safetensors.torch import save_file
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / DIFFUSERS_WEIGHTS),
-                  metadata=dict(info))
-        (staging / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.chmod(staging, 0o777 & ~_umask())
-        os.rename(staging, out)  # fails rather than replace a folder made meanwhile
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / DIFFUSERS_WEIGHTS), metadata=dict(info))
+    (folder / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _size(path: Path) -> int:
@@ -168,8 +138,9 @@ def describe(path: str | Path) -> list[str]:
     dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in checkpoint.tensors.values()})
     size = sum(v.numel() * v.element_size() for v in checkpoint.tensors.values())
     lines = [f"{checkpoint.path}: {len(checkpoint.tensors)} tensors, {', '.join(dtypes)}, {size / 1e6:.1f} MB"]
-    found = read_metadata(checkpoint.path) if checkpoint.path.suffix == SAFETENSORS_SUFFIX else {}
-    lines += [f"  {name}: {value}" for name, value in found.items()] or ["  no controlnet metadata"]
+    found = {k[len(METADATA_PREFIX):]: v for k, v in checkpoint.metadata.items() if k.startswith(METADATA_PREFIX)}
+    lines += [f"  {name}: {value}" for name, value in found.items()] or ["  no controlnet metadata (only exported "
+                                                                          ".safetensors files carry it)"]
     return lines
 
 
@@ -192,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if not args.src or not args.out:
         parser.error("SRC and OUT are required (or --info FILE)")
-    if args.diff and args.format != "control":
-        parser.error("--diff writes the control layout; it does not combine with --format diffusers")
     report = export_control(args.src, args.out, fmt=args.format, dtype=args.dtype, diff=args.diff, base=args.base,
                             config=args.config, command=" ".join(["tool_export_control.py", *sys.argv[1:]]))
     print(f"config: {report['config']}")

@@ -34,6 +34,20 @@ from training.loop import (
 from tutorial_dataset import MyDataset
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog=DEBUG_HELP)
@@ -42,17 +56,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="initial weights: a checkpoint made by tool_add_control.py (or a trained ControlNet)")
     p.add_argument("--data", default="./training/fill50k", help="folder with prompt.json, source/, target/")
     p.add_argument("--out", default="./runs/train", help="last.ckpt, logs and image_log/ go here")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--batch_size", type=positive_int, default=4)
     p.add_argument("--max_steps", type=int, default=-1, help="optimizer steps; -1 trains until stopped")
     p.add_argument("--learning_rate", type=float, default=1e-5)
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS,
                    help="adamw (fused where the device has it) or adamw8bit (bitsandbytes, CUDA only, less memory)")
-    p.add_argument("--logger_freq", type=int, default=300, help="image grids every N steps")
-    p.add_argument("--log_ddim_steps", type=int, default=50, help="DDIM steps of the logged samples")
+    p.add_argument("--logger_freq", type=positive_int, default=300, help="image grids every N steps")
+    p.add_argument("--log_ddim_steps", type=positive_int, default=50, help="DDIM steps of the logged samples")
     p.add_argument("--log_guidance_scale", type=float, default=None,
                    help="classifier-free guidance of the samples drawn during training: image grids and fidelity "
                         "(default: the config's evaluation section, else 9)")
-    p.add_argument("--save_every", type=int, default=None, help="write last.ckpt every N steps (default: logger_freq)")
+    p.add_argument("--save_every", type=positive_int, default=None,
+                   help="write last.ckpt every N steps (default: logger_freq)")
     p.add_argument("--sd_locked", action=argparse.BooleanOptionalAction, default=True,
                    help="keep SD frozen (--no-sd_locked also trains the UNet decoder)")
     p.add_argument("--only_mid_control", action="store_true", help="feed only the middle-block residual")
@@ -63,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of the frozen SD weights on the device: half = the mixed precision's dtype "
                         "(2.1 GB less for SD1.5; checkpoints still hold them at full precision); auto = half "
                         "with bf16-mixed, full otherwise")
-    p.add_argument("--accumulate_grad_batches", type=int, default=1)
+    p.add_argument("--accumulate_grad_batches", type=positive_int, default=1)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (GPU: ~1.3x faster steps after a minute or two "
                         "of compiling; on a CPU compiling takes many minutes)")
@@ -71,15 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--strategy", default="auto", help="e.g. ddp, fsdp, deepspeed_stage_2 (see docs/train.md)")
     p.add_argument("--logger", default="csv", choices=["csv", "tensorboard"], help="where metrics go, under OUT/logs")
-    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--num_workers", type=non_negative_int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image_size", type=int, default=None, help="resize source and target to this square size")
+    p.add_argument("--image_size", type=positive_int, default=None, help="resize source and target to this square size")
     p.add_argument("--skip_bad", action="store_true", help="skip unusable dataset lines (counted and reported)")
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="encode targets (VAE) and prompts (text encoder) once into DIR and train from that cache")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.ckpt exactly where it stopped")
-    p.add_argument("--fidelity_every", type=int, default=0, help="score control fidelity every N steps (0: off)")
-    p.add_argument("--fidelity_n", type=int, default=8, help="held-out hints scored each time")
+    p.add_argument("--fidelity_every", type=non_negative_int, default=0,
+                   help="score control fidelity every N steps (0: off)")
+    p.add_argument("--fidelity_n", type=positive_int, default=8, help="held-out hints scored each time")
     p.add_argument("--fidelity_kind", default="auto", choices=["auto", "fill50k", "edges"])
     return p.parse_args(argv)
 

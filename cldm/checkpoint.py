@@ -9,7 +9,8 @@ that derive one checkpoint from another must not destroy a user's weights by a t
 
 A base *family* (SD1.x, SD2.x) is told by the text width of the UNet's cross-attention; `FAMILIES` names the
 bundled config that builds each, so errors say "use models/cldm_v21.yaml" instead of failing on the first of
-hundreds of mismatched shapes. Bundled configs resolve from the package's own folder, not the working directory.
+hundreds of mismatched shapes. Bundled configs resolve from the project's `models/` folder beside the packages (the
+editable install the set-up makes), not from the working directory.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -34,13 +36,14 @@ from torch import nn
 
 from cldm.formats import (
     DIFFERENCE_KEY,
-    DIFFUSERS_WEIGHTS,
+    DIFFUSERS_CONFIG,
     PIPELINE_INDEX,
     UNET_PREFIX,
     from_diffusers,
     is_diffusers_controlnet,
     sd_from_diffusers_pipeline,
     undo_difference,
+    weights_file,
 )
 from ldm.errors import InputError, MissingFileError, OutputExistsError, UserError, one_line
 
@@ -163,15 +166,19 @@ class Checkpoint:
 def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu") -> Checkpoint:
     """Read a `.ckpt`/`.pth` (safely: `weights_only=True`) or `.safetensors` file, or a diffusers model folder."""
     path = Path(ckpt_path)
+    _check_location(location)
     if path.is_dir() and (path / PIPELINE_INDEX).is_file():
         try:
             tensors = sd_from_diffusers_pipeline(path, lambda file: read_checkpoint(file, location).tensors)
-        except (InputError, KeyError) as err:
+        except InputError as err:
             raise CheckpointError(f"{path}: not a Stable Diffusion pipeline this project reads ({one_line(err)})") \
                 from err
         return Checkpoint(path, tensors, {}, {})
-    if path.is_dir() and (path / DIFFUSERS_WEIGHTS).is_file():
-        path = path / DIFFUSERS_WEIGHTS
+    if path.is_dir() and (path / DIFFUSERS_CONFIG).is_file():  # a diffusers model folder: its weights file
+        try:
+            path = weights_file(path)
+        except InputError as err:
+            raise CheckpointError(str(err)) from err
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     metadata: dict[str, str] = {}
@@ -183,14 +190,18 @@ def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu")
             state: Any = load_file(str(path), device=str(location))
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
-        except Exception as err:  # any failure to parse the user's file says the same: it is not readable
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(err)})") from err
+        except MemoryError:
+            raise
+        except Exception as err:  # the device was checked: a failure to parse means the file is not readable
+            raise CheckpointError(f"{path}: not a readable safetensors file ({one_line(err)})") from err
     else:
         try:
             with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file anyway
                 warnings.simplefilter("ignore", UserWarning)
                 state = torch.load(path, map_location=location, weights_only=True)
-        except Exception as err:  # parsing a user's file: whatever fails, the file is what is wrong
+        except MemoryError:
+            raise
+        except Exception as err:  # the device was checked: whatever fails parsing the user's file, it is the file
             raise CheckpointError(f"{path}: {_unreadable(path, err)}") from err
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
@@ -207,9 +218,14 @@ def load_state_dict(ckpt_path: str | Path, location: str | torch.device = "cpu")
     return read_checkpoint(ckpt_path, location).tensors
 
 
-def _first_line(err: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _check_location(location: str | torch.device) -> None:
+    """A device to load onto that this machine has (so that a failure to load is the file's, not the machine's)."""
+    try:
+        device = torch.device(location)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"{location!r} is not a device (use 'cpu' or 'cuda')") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"cannot load onto {location}: this machine has no CUDA device (use 'cpu')")
 
 
 #: How torch words the refusal of a pickled object that is not a tensor (2.4-2.13).
@@ -226,11 +242,32 @@ def _unreadable(path: Path, err: BaseException) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if head == _ZIP_MAGIC:
-        return f"corrupt or truncated checkpoint ({_first_line(err)})"
+        return f"corrupt or truncated checkpoint ({one_line(err)})"
     if head[:1] == b"\x80" and isinstance(err, pickle.UnpicklingError):
         return ("refused for safety: a pickle that holds more than tensors (or uses pickle features a weights-only "
                 "load refuses); use a .safetensors file, or a state dict saved with torch.save")
     return "not a checkpoint (neither a PyTorch zip archive nor a pickle of tensors)"
+
+
+def atomic_folder(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Make folder PATH so that it is never seen half-written: `fill(tmp)` fills a temporary folder beside it
+    (`.PATH.*.tmp`), which is then renamed into place. An existing PATH is never replaced."""
+    out = Path(path)
+    if out.exists():
+        raise OutputExistsError(f"{out}: already exists; refusing to overwrite it (choose another name)")
+    if not out.parent.is_dir():
+        raise MissingFileError(f"{out.parent}: output folder does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=TEMPORARY_SUFFIX, dir=out.parent))
+    try:
+        fill(staging)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes the folder private; give it the usual permissions
+        if out.exists():  # made meanwhile: rename would replace an empty folder
+            raise OutputExistsError(f"{out}: already exists; refusing to overwrite it")
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> Any:
@@ -290,12 +327,14 @@ def stale_temporaries(path: str | Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}.*{TEMPORARY_SUFFIX}")) if out.parent.is_dir() else []
 
 
-def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `state_dict` to PATH atomically: `.ckpt`/`.pth` as `{"state_dict": sd}`, else `.safetensors`."""
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path, *, overwrite: bool = False,
+                    metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `state_dict` to PATH atomically: `.ckpt`/`.pth` as `{"state_dict": sd}`, else `.safetensors` (with
+    `metadata` in its header; pickles have no header to carry it)."""
     out = Path(path)
     _check_extension(out)
     if out.suffix == SAFETENSORS_SUFFIX:
-        return atomic_write(out, lambda tmp: _write_safetensors(state_dict, tmp), overwrite=overwrite)
+        return atomic_write(out, lambda tmp: _write_safetensors(state_dict, tmp, metadata), overwrite=overwrite)
     return atomic_write(out, lambda tmp: torch.save({"state_dict": dict(state_dict)}, tmp), overwrite=overwrite)
 
 
@@ -307,7 +346,7 @@ def check_resumable(path: str | Path) -> Path:
         with zipfile.ZipFile(path) as archive:
             archive.namelist()
     except (zipfile.BadZipFile, OSError) as err:
-        raise CheckpointError(f"{path}: truncated or not a checkpoint ({_first_line(err)}): delete it to start "
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({one_line(err)}): delete it to start "
                               "over, or resume from an intact copy") from err
     return path
 
@@ -332,7 +371,8 @@ def sha256_short(path: str | Path, length: int = 10) -> str:
     return file_sha256(path)[:length]
 
 
-def _write_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> None:
+def _write_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path,
+                       metadata: Mapping[str, str] | None = None) -> None:
     """safetensors stores neither views nor tensors sharing memory: give each its own contiguous copy."""
     from safetensors.torch import save_file
 
@@ -346,7 +386,7 @@ def _write_safetensors(state_dict: Mapping[str, torch.Tensor], path: Path) -> No
         elif storage is not None:
             seen.add(storage)
         tensors[key] = t.contiguous()
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -490,8 +530,8 @@ def check_control_fits(control: Mapping[str, torch.Tensor], expected: Mapping[st
                                           f"{len(keys)} (e.g. {keys[0]})")
 
 
-def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
-    """One line saying why a checkpoint does not fit `model`, and what to use instead."""
+def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """One line saying why a checkpoint does not fit `model`, and what to use instead; None when it does fit."""
     expected = nn.Module.state_dict(model)  # not a subclass override that may initialise weights first
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
     for prefix in (UNET_PREFIX, CONTROL_PREFIX):
@@ -510,4 +550,4 @@ def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
         if keys:
             parts.append(f"{len(keys)} {label} (e.g. {keys[0]}; {', '.join(key_groups(keys))})")
-    return "checkpoint does not fit this config: " + "; ".join(parts)
+    return "checkpoint does not fit this config: " + "; ".join(parts) if parts else None

@@ -10,6 +10,7 @@ from torch import nn
 
 from cldm.checkpoint import CheckpointMismatchError, explain_mismatch
 from cldm.control import GUESS_MODE_DECAY, Control, UNetWithControls, guess_mode_scales
+from ldm.errors import InputError
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
@@ -59,10 +60,10 @@ class ControlNet(nn.Module):
                  **spec_params: Any) -> None:
         super().__init__()
         if num_classes is not None:
-            raise ValueError("class-conditional ControlNets are not supported")
-        self.spec = UNetEncoderSpec(in_channels=in_channels, model_channels=model_channels,
-                                    num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
-                                    **spec_params)
+            raise InputError("class-conditional ControlNets are not supported")
+        self.spec = UNetEncoderSpec.from_params(in_channels=in_channels, model_channels=model_channels,
+                                                num_res_blocks=num_res_blocks,
+                                                attention_resolutions=attention_resolutions, **spec_params)
         self.model_channels = model_channels
         #: The hint block's shape, for exporting to other layouts (see `cldm.formats`).
         self.hint_channels, self.hint_block_widths, self.hint_downsample = hint_channels, tuple(hint_block_widths), \
@@ -84,7 +85,7 @@ class ControlNet(nn.Module):
         """
         halvings = {1: 0, 2: 1, 4: 2, 8: 3}.get(downsample)
         if halvings is None or halvings > len(widths) - 1:
-            raise ValueError(f"hint_downsample must be 1, 2, 4 or 8 (at most 2**{len(widths) - 1}), got {downsample}")
+            raise InputError(f"hint_downsample must be 1, 2, 4 or 8 (at most 2**{len(widths) - 1}), got {downsample}")
         layers: list[nn.Module] = [conv_nd(dims, hint_channels, widths[0], 3, padding=1), nn.SiLU()]
         for stage, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
             stride = 2 if stage >= len(widths) - 1 - halvings else 1
@@ -123,7 +124,7 @@ def adamw_8bit(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     """bitsandbytes' AdamW8bit, with one-line errors where it cannot run (it is an optional, GPU-only extra)."""
     devices = {p.device.type for p in params}
     if devices != {"cuda"}:
-        raise ValueError(f"8-bit AdamW (bitsandbytes) runs on CUDA GPUs only, these parameters are on "
+        raise InputError(f"8-bit AdamW (bitsandbytes) runs on CUDA GPUs only, these parameters are on "
                          f"{', '.join(sorted(devices))}: use the optimizer adamw")
     try:
         import bitsandbytes
@@ -188,7 +189,7 @@ class ControlLDM(LatentDiffusion):
         if self.optimizer == "adamw8bit":
             return adamw_8bit(params, self.learning_rate)
         if self.optimizer != "adamw":
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise InputError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         # The fused kernel is one call for all tensors instead of a Python loop over each: 3.4 s -> 0.25 s
         # of a CPU SD1.5 step (docs/BENCHMARKS.md).
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
@@ -206,11 +207,15 @@ class ControlLDM(LatentDiffusion):
         self.control_model.compile(**options)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load a checkpoint's weights; a checkpoint that does not fit is explained in one line."""
+        """Load a checkpoint's weights; a checkpoint that does not fit is explained in one line (any other failure,
+        out of memory say, is left as it is)."""
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as err:
-            raise CheckpointMismatchError(explain_mismatch(self, state_dict)) from err
+            reason = explain_mismatch(self, state_dict)
+            if reason is None:
+                raise
+            raise CheckpointMismatchError(reason) from err
 
     @torch.no_grad()
     def get_input(self, batch: dict[str, Any], k: str, bs: int | None = None, *args: Any, **kwargs: Any

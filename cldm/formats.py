@@ -77,7 +77,6 @@ class EncoderLayout:
         """The rows the UNet encoder and the ControlNet share: time and vector embeddings, input and middle blocks."""
         table: PrefixTable = [
             ("time_embed.0.", "time_embedding.linear_1.", {}), ("time_embed.2.", "time_embedding.linear_2.", {}),
-            ("label_emb.0.0.", "add_embedding.linear_1.", {}), ("label_emb.0.2.", "add_embedding.linear_2.", {}),
             ("input_blocks.0.0.", "conv_in.", {}),
             ("middle_block.0.", "mid_block.resnets.0.", RESNET_NAMES),
             ("middle_block.1.", "mid_block.attentions.0.", {}),
@@ -156,7 +155,8 @@ def diffusers_config(net: nn.Module) -> dict[str, Any]:
     unsupported = {"use_scale_shift_norm": spec.use_scale_shift_norm, "resblock_updown": spec.resblock_updown,
                    "dims != 2": spec.dims != 2, "num_attention_blocks": spec.num_attention_blocks is not None,
                    "disable_self_attentions": bool(spec.disable_self_attentions),
-                   "a hint block that does not downsample 8x": net.hint_downsample != 8}
+                   "a hint block that does not downsample 8x": net.hint_downsample != 8,
+                   "a number of ResBlocks that differs between levels": len(set(spec.res_blocks_per_level)) > 1}
     refused = [name for name, present in unsupported.items() if present]
     if refused:
         raise InputError(f"this ControlNet has no diffusers equivalent ({', '.join(refused)})")
@@ -173,8 +173,7 @@ def diffusers_config(net: nn.Module) -> dict[str, Any]:
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         "downsample_padding": 1, "encoder_hid_dim": None, "encoder_hid_dim_type": None,
         "flip_sin_to_cos": True, "freq_shift": 0, "global_pool_conditions": False, "in_channels": spec.in_channels,
-        "layers_per_block": spec.res_blocks_per_level[0] if len(set(spec.res_blocks_per_level)) == 1
-        else list(spec.res_blocks_per_level),
+        "layers_per_block": spec.res_blocks_per_level[0],
         "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-5, "norm_num_groups": 32,
         "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
         "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default",
@@ -250,6 +249,8 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
 VAE_RESNET_NAMES = {"nin_shortcut": "conv_shortcut"}
 VAE_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+#: How many of OpenCLIP ViT-H/14's 24 text blocks diffusers' SD2 converter keeps (the last is dropped).
+DIFFUSERS_SD2_TEXT_LAYERS = 23
 #: transformers' CLIP text layer -> OpenCLIP's resblock, for the names that only differ (q/k/v are joined).
 OPEN_CLIP_LAYER_NAMES = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
                          "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -297,18 +298,27 @@ def vae_table(levels: int, res_blocks: int) -> PrefixTable:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: not a readable diffusers config ({type(err).__name__})") from err
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a diffusers config (a JSON object)")
+    return config
 
 
-def _weights_file(folder: Path) -> Path:
+def _field(config: Mapping[str, Any], key: str, path: Path) -> Any:
+    if key not in config:
+        raise InputError(f"{path}: lacks {key!r}")
+    return config[key]
+
+
+def weights_file(folder: Path) -> Path:
     """A diffusers part's weights: the plain safetensors file, else a variant (fp16), else a pickled `.bin`."""
     for pattern in ("diffusion_pytorch_model.safetensors", "model.safetensors", "*.safetensors", "*.bin"):
         found = sorted(folder.glob(pattern))
         if found:
             return found[0]
-    raise InputError(f"{folder}: no weights file (*.safetensors or *.bin) in this part of the diffusers pipeline")
+    raise InputError(f"{folder}: no weights file (*.safetensors or *.bin) in this diffusers model folder")
 
 
 def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, torch.Tensor]]
@@ -317,35 +327,39 @@ def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, to
     original layout. `read` reads one weights file (the caller's safe reader).
 
     SD2.x's text encoder (OpenCLIP's, stored by diffusers as a transformers CLIPTextModel) goes back to OpenCLIP's
-    names; diffusers drops its last block, which SD2 never runs, and its projection: both come back as zeros (a zero
-    block adds nothing to its input; the projection is unused by the UNet's conditioning).
+    names. diffusers' converter keeps 23 of ViT-H/14's 24 blocks (SD2 conditions on the penultimate one) and drops
+    the projection: a 23-block encoder gets its last block back as zeros (a zero block adds nothing to its input),
+    and the projection as zeros (unused by the UNet's conditioning).
     """
     parts = {name: folder / name for name in ("unet", "vae", "text_encoder")}
     missing = [name for name, path in parts.items() if not (path / DIFFUSERS_CONFIG).is_file()]
     if missing:
         raise InputError(f"{folder}: a diffusers pipeline without {', '.join(missing)} "
                          f"(each part needs its {DIFFUSERS_CONFIG})")
-    unet_config = _read_json(parts["unet"] / DIFFUSERS_CONFIG)
-    levels = len(unet_config["block_out_channels"])
+    unet_path = parts["unet"] / DIFFUSERS_CONFIG
+    unet_config = _read_json(unet_path)
+    levels = len(_field(unet_config, "block_out_channels", unet_path))
     per_level = unet_config.get("layers_per_block", 2)
     res_blocks = list(per_level) if isinstance(per_level, list) else [per_level] * levels
-    attention = ["CrossAttn" in kind for kind in unet_config["down_block_types"]]
-    unet = read(_weights_file(parts["unet"]))
+    attention = ["CrossAttn" in kind for kind in _field(unet_config, "down_block_types", unet_path)]
+    unet = read(weights_file(parts["unet"]))
     state = {UNET_PREFIX + name: unet[key] for key, name in rename(unet, unet_table(res_blocks, attention),
                                                                   to_diffusers=False).items()}
-    vae_config = _read_json(parts["vae"] / DIFFUSERS_CONFIG)
-    vae = read(_weights_file(parts["vae"]))
-    for key, name in rename(vae, vae_table(len(vae_config["block_out_channels"]), vae_config["layers_per_block"]),
-                            to_diffusers=False).items():
+    vae_path = parts["vae"] / DIFFUSERS_CONFIG
+    vae_config = _read_json(vae_path)
+    vae = read(weights_file(parts["vae"]))
+    table = vae_table(len(_field(vae_config, "block_out_channels", vae_path)), vae_config.get("layers_per_block", 2))
+    for key, name in rename(vae, table, to_diffusers=False).items():
         tensor = vae[key]
         if ".mid.attn_1." in name and name.endswith("weight") and tensor.dim() == 2:
             tensor = tensor[:, :, None, None]  # our attention's projections are 1x1 convolutions
         state[VAE_PREFIX + name] = tensor
     text_config = _read_json(parts["text_encoder"] / DIFFUSERS_CONFIG)
     text = {k if k.startswith("text_model.") else "text_model." + k: v  # transformers 5 saves without that level
-            for k, v in read(_weights_file(parts["text_encoder"])).items() if not k.endswith("position_ids")}
+            for k, v in read(weights_file(parts["text_encoder"])).items() if not k.endswith("position_ids")}
     if text_config.get("hidden_act") == "gelu":  # OpenCLIP's tower (SD2.x); CLIP's uses quick_gelu (SD1.x)
-        state.update({TEXT_PREFIX + k: v for k, v in open_clip_from_transformers(text).items()})
+        dropped = text_config.get("num_hidden_layers") == DIFFUSERS_SD2_TEXT_LAYERS
+        state.update({TEXT_PREFIX + k: v for k, v in open_clip_from_transformers(text, dropped).items()})
     else:
         state.update({f"{TEXT_PREFIX}transformer.{k}": v for k, v in text.items() if k.startswith("text_model.")})
     return {**state, **schedule_of_pipeline(folder)}
@@ -365,8 +379,10 @@ def schedule_of_pipeline(folder: Path) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(values[name], dtype=torch.float32) for name in SCHEDULE_BUFFERS}
 
 
-def open_clip_from_transformers(text: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP's text tower (`model.*` names) from diffusers' transformers-format copy of it (`text_model.*`)."""
+def open_clip_from_transformers(text: Mapping[str, torch.Tensor], dropped_last_block: bool
+                                ) -> dict[str, torch.Tensor]:
+    """OpenCLIP's text tower (`model.*` names) from diffusers' transformers-format copy of it (`text_model.*`);
+    `dropped_last_block`: append the block diffusers' converter left out, as zeros."""
     prefix = "text_model.encoder.layers."
     layers = 1 + max(int(k[len(prefix):].split(".")[0]) for k in text if k.startswith(prefix))
     width = text["text_model.final_layer_norm.weight"].shape[0]
@@ -375,7 +391,7 @@ def open_clip_from_transformers(text: Mapping[str, torch.Tensor]) -> dict[str, t
            "model.ln_final.weight": text["text_model.final_layer_norm.weight"],
            "model.ln_final.bias": text["text_model.final_layer_norm.bias"],
            "model.text_projection": torch.zeros(width, width), "model.logit_scale": torch.zeros(())}
-    for i in range(layers + 1):
+    for i in range(layers + int(dropped_last_block)):
         ours = f"model.transformer.resblocks.{i}."
         if i == layers:  # the block diffusers dropped: zeros (the residual block then adds nothing)
             out.update({name.replace(f"resblocks.{i - 1}.", f"resblocks.{i}."): torch.zeros_like(tensor)

@@ -219,7 +219,7 @@ class ControlNetPipeline:
         self.control_names = (list(control_names) if control_names is not None
                               else [f"control{k}" for k in range(len(self.controls))])
         if len(self.control_names) != len(self.controls):
-            raise InputError("control_names must name each control")
+            raise ValueError("control_names must name each control")
         self.device = torch.device(device)
         self.annotator_dir = annotator_dir
         self.sources = dict(sources or {})

@@ -22,7 +22,7 @@ from cldm.checkpoint import (
 )
 from ldm.errors import InputError, MissingFileError, one_line
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.util import get_obj_from_str, instantiate_from_config
+from ldm.util import check_params, get_obj_from_str, instantiate_from_config
 
 __all__ = ["CROSS_ATTN_KEY", "CheckpointError", "CheckpointMismatchError", "create_model", "get_state_dict",
            "load_config", "load_state_dict"]
@@ -49,10 +49,15 @@ def create_model(config_path: str | Path) -> nn.Module:
     random initialisation, and a model used without loading gets its random weights then.
     """
     config = load_config(config_path)
-    target = get_obj_from_str(config.model.target)
-    if isinstance(target, type) and issubclass(target, LatentDiffusion):
-        model = target.build_deferred(**config.model.get("params", {}))
-    else:
-        model = instantiate_from_config(config.model)
+    try:
+        target = get_obj_from_str(config.model.get("target"))
+        if isinstance(target, type) and issubclass(target, LatentDiffusion):
+            params = config.model.get("params", {})
+            check_params(target, params, config.model.target)
+            model = target.build_deferred(**params)
+        else:
+            model = instantiate_from_config(config.model)
+    except InputError as err:  # a config's own mistake (a target or a parameter): name the file
+        raise InputError(f"{config_path}: {one_line(err)}") from err
     print(f"Loaded model config from [{config_path}]")
     return model

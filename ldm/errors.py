@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -54,7 +55,8 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 
 def one_line(err: BaseException) -> str:
-    text = str(err).strip()
+    """The first line of an error's message, without terminal colour codes (torch styles some of its messages)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
 

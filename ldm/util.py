@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -15,30 +16,48 @@ if TYPE_CHECKING:
 SettingsT = TypeVar("SettingsT")
 
 
+class ConfigError(InputError, ImportError):
+    """A config names a class that does not exist, or gives it parameters it does not take."""
+
+
 def get_obj_from_str(path: str) -> Any:
     """Import `package.module.Name` and return `Name`."""
-    module_name, _, attr = path.rpartition(".")
+    module_name, _, attr = str(path).rpartition(".")
     if not module_name:
-        raise ValueError(f"target {path!r} is not a dotted path like 'package.module.Class'")
+        raise ConfigError(f"target {path!r} is not a dotted path like 'package.module.Class'")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ImportError(f"cannot import module {module_name!r} named by config target {path!r}") from err
+        if err.name is not None and not module_name.startswith(err.name):
+            raise  # the module exists but itself imports something missing: not the config's fault
+        raise ConfigError(f"cannot import module {module_name!r} named by config target {path!r}") from err
     try:
         return getattr(module, attr)
     except AttributeError as err:
-        raise ImportError(f"module {module_name!r} has no {attr!r} (config target {path!r})") from err
+        raise ConfigError(f"module {module_name!r} has no {attr!r} (config target {path!r})") from err
 
 
 def instantiate_from_config(config: Mapping[str, Any], **overrides: Any) -> Any:
     """Build `config.target(**config.params, **overrides)`, as the original ldm configs expect."""
-    if "target" not in config:
+    if not isinstance(config, Mapping) or "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
-        raise KeyError(f"config has no 'target' key: {dict(config)!r}")
+        raise ConfigError(f"a config section has no 'target' key: {config!r}")
     params = dict(config.get("params", None) or {})
     params.update(overrides)
-    return get_obj_from_str(config["target"])(**params)
+    target = get_obj_from_str(config["target"])
+    check_params(target, params, config["target"])
+    return target(**params)
+
+
+def check_params(target: Any, params: Mapping[str, Any], name: str) -> None:
+    """A config's parameters must be ones `target` takes, with none it needs left out (a `ConfigError` if not)."""
+    try:
+        inspect.signature(target).bind(**params)
+    except TypeError as err:
+        raise ConfigError(f"{name}: {err}") from err
+    except ValueError:  # no signature to check (a builtin): the call itself will say
+        pass
 
 
 def settings_from(cls: type[SettingsT], section: Mapping[str, Any] | None, where: str) -> SettingsT:

@@ -387,7 +387,25 @@ def test_sd2_text_encoder_from_a_diffusers_pipeline_computes_what_transformers_d
             p.add_(torch.randn_like(p) * 0.02)
     state = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in text.state_dict().items()}
     ours = FrozenOpenCLIPEmbedder(layer=layer, width=32, layers=3, heads=2, embed_dim=32)
-    ours.load_state_dict(open_clip_from_transformers(state), strict=True)
+    ours.load_state_dict(open_clip_from_transformers(state, dropped_last_block=True), strict=True)
     ids = ours.tokenize(["a house by the sea", ""])
     with torch.no_grad():
         assert rel_err(ours.encode_tokens(ids), text(input_ids=ids).last_hidden_state) < 1e-5
+    complete = FrozenOpenCLIPEmbedder(layer="last", width=32, layers=2, heads=2, embed_dim=32)
+    complete.load_state_dict(open_clip_from_transformers(state, dropped_last_block=False), strict=True)
+    with torch.no_grad():
+        assert rel_err(complete.encode_tokens(ids), text(input_ids=ids).last_hidden_state) < 1e-5
+
+
+def test_what_diffusers_cannot_express_is_refused_plainly(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    from cldm.formats import diffusers_config
+
+    uneven = instantiate_from_config(control_config(TINY, num_res_blocks=[1, 2]))
+    with pytest.raises(ValueError, match="number of ResBlocks that differs between levels"):
+        diffusers_config(uneven)
+    net = random_control_net(control_config(TINY), seed=14)
+    src = save_full_checkpoint(tmp_path / "last.ckpt", net)
+    assert tool_export_control.main([str(src), str(tmp_path / "x"), "--format", "diffusers", "--diff",
+                                     "--config", TINY]) == 2
+    assert "does not combine with --format diffusers" in capsys.readouterr().err

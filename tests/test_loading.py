@@ -319,3 +319,53 @@ def test_create_model_config_without_model_section(tmp_path: Path) -> None:
 def test_released_configs_exist() -> None:
     for name in ("cldm_v15.yaml", "cldm_v21.yaml", "cldm_tiny.yaml"):
         assert (ROOT / "models" / name).is_file()
+
+
+def test_a_part_captured_before_first_use_is_the_one_initialised() -> None:
+    """Materialising fills the deferred tensors in place: a ControlNet taken before first use is the model's own."""
+    from cldm.control import Control
+
+    model = build_tiny()
+    net = model.control_model
+    control = Control(net, torch.rand(1, 3, 64, 64))
+    model.materialize()
+    assert model.control_model is net and control.net is net
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert any(p.std() > 0 for p in net.parameters() if p.numel() > 1)
+
+
+def test_loading_onto_a_missing_device_blames_the_machine_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "fine.ckpt"
+    torch.save({"state_dict": _small_state()}, path)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no CUDA device") as info:
+        load_state_dict(path, location="cuda")
+    assert "corrupt" not in str(info.value)
+
+
+def test_a_load_that_fails_for_another_reason_is_not_called_a_mismatch(tiny_state: dict[str, torch.Tensor],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from ldm.models.diffusion.ddpm import LatentDiffusion
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(LatentDiffusion, "load_state_dict", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory") as info:
+        build_tiny().load_state_dict(tiny_state)
+    assert not isinstance(info.value, CheckpointMismatchError)
+
+
+def test_a_config_naming_a_missing_class_or_parameter_is_one_line(tmp_path: Path) -> None:
+    text = (ROOT / "models" / "cldm_tiny.yaml").read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(text.replace("target: cldm.cldm.ControlNet", "target: cldm.cldm.ControlNett"))
+    with pytest.raises(ValueError) as info:
+        create_model(typo)
+    _assert_one_line(info.value, str(typo), "ControlNett")
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(text.replace("hint_channels: 3", "hint_channels: 3\n        hint_chanels: 3"))
+    with pytest.raises(ValueError) as info:
+        create_model(extra)
+    _assert_one_line(info.value, str(extra), "hint_chanels")

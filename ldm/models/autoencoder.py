@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.modules.diffusionmodules.model import Decoder, Encoder
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 
@@ -44,7 +45,7 @@ class AutoencoderKL(nn.Module):
         del lossconfig, ignore_keys, colorize_nlabels, ema_decay, learn_logvar
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
-            raise ValueError(
+            raise InputError(
                 "AutoencoderKL needs ddconfig.double_z=true: the encoder must output mean and logvar"
             )
         if ckpt_path is not None:

@@ -40,23 +40,24 @@ class DeferredParts:
         self.uninitialized -= set(names)
 
     def materialize(self, model: nn.Module) -> bool:
-        """Randomly initialise what is still uninitialised, part by part; returns whether anything was rebuilt."""
+        """Randomly initialise what is still uninitialised, part by part; returns whether anything was initialised.
+
+        A fresh part is built from its config (its own random initialisation) and its values are copied into the
+        uninitialised tensors in place: the modules and parameters stay the same objects, so anything that holds
+        one (a `Control` made before the first use, an optimizer) sees the initialised weights.
+        """
         if not self.uninitialized:
             return False
         for name, config in self.part_configs.items():
             prefix = name + "."
-            pending = {k for k in self.uninitialized if k.startswith(prefix)}
+            pending = {k[len(prefix):] for k in self.uninitialized if k.startswith(prefix)}
             if not pending:
                 continue
-            old = model.get_submodule(name)
-            reference = first_parameter(old)
-            fresh = instantiate_from_config(config)
-            if reference is not None:
-                fresh = fresh.to(device=reference.device, dtype=reference.dtype)
-            kept = {k: v for k, v in old.state_dict().items() if prefix + k not in pending}
-            fresh.load_state_dict(kept, strict=False)
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, fresh)
+            targets = dict(named_tensors(model.get_submodule(name)))
+            with torch.no_grad():
+                for key, value in named_tensors(instantiate_from_config(config)):
+                    if key in pending:
+                        targets[key].copy_(value)
         self.uninitialized = set()
         return True
 

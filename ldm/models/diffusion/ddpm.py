@@ -28,7 +28,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from ldm.errors import TrainingDiverged
+from ldm.errors import InputError, TrainingDiverged
 from ldm.models.deferred import DeferredParts, build_deferred, first_parameter
 from ldm.models.diffusion.loss import DiffusionLoss
 from ldm.models.diffusion.schedule import (
@@ -104,9 +104,9 @@ class LatentDiffusion(pl.LightningModule):
                  reset_num_ema_updates: bool = False) -> None:
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be 'eps', 'v' or 'x0', got {parameterization!r}")
+            raise InputError(f"parameterization must be 'eps', 'v' or 'x0', got {parameterization!r}")
         if use_ema or learn_logvar or scale_by_std or ckpt_path or cond_stage_trainable:
-            raise ValueError(
+            raise InputError(
                 "use_ema, learn_logvar, scale_by_std, ckpt_path and cond_stage_trainable are not supported: "
                 "load weights with cldm.model.load_state_dict and keep SD frozen"
             )
@@ -132,6 +132,18 @@ class LatentDiffusion(pl.LightningModule):
         self.batch_encoder: BatchEncoder = encode_batch
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
+
+    @property
+    def loss_type(self) -> str:
+        return self.diffusion_loss.loss_type
+
+    @property
+    def l_simple_weight(self) -> float:
+        return self.diffusion_loss.l_simple_weight
+
+    @property
+    def original_elbo_weight(self) -> float:
+        return self.diffusion_loss.original_elbo_weight
 
     @property
     def part_configs(self) -> dict[str, Any]:
@@ -243,9 +255,8 @@ class LatentDiffusion(pl.LightningModule):
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         noise = standard_noise(x_start) if noise is None else noise
-        schedule = self.schedule
-        model_output = self.apply_model(schedule.q_sample(x_start, t, noise), t, cond)
-        target = schedule.target(self.parameterization, x_start, noise, t)
+        model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        target = self.schedule.target(self.parameterization, x_start, noise, t)
         return self.diffusion_loss(model_output, target, t, self.lvlb_weights, "train" if self.training else "val")
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldm.errors import InputError
+
 LOSS_TYPES = ("l1", "l2")
 
 
@@ -20,7 +22,7 @@ class DiffusionLoss:
     def __init__(self, loss_type: str = "l2", l_simple_weight: float = 1.0, original_elbo_weight: float = 0.0
                  ) -> None:
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+            raise InputError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
         self.loss_type = loss_type
         self.l_simple_weight = l_simple_weight
         self.original_elbo_weight = original_elbo_weight

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import InputError
+
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
 SUPPORTED_ATTN_TYPES = ("vanilla", "vanilla-xformers")
@@ -149,14 +151,14 @@ def make_attn(in_channels: int, attn_type: str = "vanilla") -> AttnBlock:
     Both names the SD configs use map to the same SDPA block; linear attention is not supported.
     """
     if attn_type not in SUPPORTED_ATTN_TYPES:
-        raise ValueError(f"attn_type {attn_type!r} is not supported; use one of {SUPPORTED_ATTN_TYPES}")
+        raise InputError(f"attn_type {attn_type!r} is not supported; use one of {SUPPORTED_ATTN_TYPES}")
     return AttnBlock(in_channels)
 
 
 def _check_ch_mult(ch_mult: Sequence[int]) -> tuple[int, ...]:
     mults = tuple(int(m) for m in ch_mult)
     if not mults:
-        raise ValueError("ch_mult must name at least one resolution level")
+        raise InputError("ch_mult must name at least one resolution level")
     return mults
 
 

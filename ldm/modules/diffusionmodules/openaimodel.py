@@ -8,12 +8,14 @@ both networks call it. Parameter names match the released checkpoints.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     CPU_CHECKPOINT_MIN_ELEMENTS,
@@ -80,7 +82,7 @@ class Downsample(nn.Module):
             self.op = conv_nd(dims, channels, self.out_channels, 3, stride=stride, padding=padding)
         else:
             if self.out_channels != channels:
-                raise ValueError("average-pool downsampling cannot change the channel count")
+                raise InputError("average-pool downsampling cannot change the channel count")
             self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,18 +178,27 @@ class UNetEncoderSpec:
     legacy: bool = True
     res_blocks_per_level: list[int] = field(init=False)
 
+    @classmethod
+    def from_params(cls, **params: Any) -> UNetEncoderSpec:
+        """The spec from a YAML's network `params:`; a parameter it does not know is named in the error."""
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InputError(f"unknown UNet/ControlNet parameter(s) {', '.join(unknown)}")
+        return cls(**params)
+
     def __post_init__(self) -> None:
         if self.num_heads == -1 and self.num_head_channels == -1:
-            raise ValueError("set either num_heads or num_head_channels")
+            raise InputError("set either num_heads or num_head_channels")
         if self.use_spatial_transformer and self.context_dim is None:
-            raise ValueError("use_spatial_transformer needs context_dim (the text embedding width)")
+            raise InputError("use_spatial_transformer needs context_dim (the text embedding width)")
         if not self.use_spatial_transformer:
-            raise ValueError("only the spatial-transformer UNet of Stable Diffusion is supported")
+            raise InputError("only the spatial-transformer UNet of Stable Diffusion is supported")
         if isinstance(self.num_res_blocks, int):
             self.res_blocks_per_level = [self.num_res_blocks] * len(self.channel_mult)
         else:
             if len(self.num_res_blocks) != len(self.channel_mult):
-                raise ValueError("num_res_blocks needs one entry per channel_mult level")
+                raise InputError("num_res_blocks needs one entry per channel_mult level")
             self.res_blocks_per_level = list(self.num_res_blocks)
         if self.context_dim is not None and not isinstance(self.context_dim, int):
             self.context_dim = list(self.context_dim)[0]
@@ -293,10 +304,10 @@ class UNetModel(nn.Module):
                  spatial_transformer_attn_type: str | None = None, **spec_params) -> None:
         super().__init__()
         if num_classes is not None or n_embed is not None:
-            raise ValueError("class-conditional and VQ-output UNets are not part of Stable Diffusion")
-        self.spec = UNetEncoderSpec(in_channels=in_channels, model_channels=model_channels,
-                                    num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions,
-                                    **spec_params)
+            raise InputError("class-conditional and VQ-output UNets are not part of Stable Diffusion")
+        self.spec = UNetEncoderSpec.from_params(in_channels=in_channels, model_channels=model_channels,
+                                                num_res_blocks=num_res_blocks,
+                                                attention_resolutions=attention_resolutions, **spec_params)
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ldm.errors import InputError
+
 
 def make_beta_schedule(
     schedule: str,
@@ -35,7 +37,7 @@ def make_beta_schedule(
         return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
     if schedule == "sqrt":
         return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
-    raise ValueError(f"unknown beta schedule {schedule!r}; expected linear, cosine, sqrt_linear or sqrt")
+    raise InputError(f"unknown beta schedule {schedule!r}; expected linear, cosine, sqrt_linear or sqrt")
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -151,7 +153,7 @@ def conv_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
         return Conv2d(*args, **kwargs)
     if dims == 3:
         return nn.Conv3d(*args, **kwargs)
-    raise ValueError(f"unsupported dimensions: {dims}")
+    raise InputError(f"unsupported dimensions: {dims}")
 
 
 def avg_pool_nd(dims: int, *args: Any, **kwargs: Any) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.errors import InputError
 from ldm.modules.encoders.tokenizer import END_TOKEN_ID, CLIPTokenizer
 
 
@@ -72,7 +73,7 @@ class _CLIPAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int) -> None:
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+            raise InputError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
         self.num_heads = num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
@@ -183,11 +184,11 @@ class FrozenCLIPEmbedder(_FrozenMixin):
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+            raise InputError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         if layer == "hidden":
             if layer_idx is None or not -(num_hidden_layers + 1) <= layer_idx <= num_hidden_layers:
                 bound = num_hidden_layers
-                raise ValueError(
+                raise InputError(
                     f"layer='hidden' needs layer_idx in [-{bound + 1}, {bound}], got {layer_idx}"
                 )
         self.version = version
@@ -252,7 +253,7 @@ class _OpenCLIPAttention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+            raise InputError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
@@ -356,7 +357,7 @@ class FrozenOpenCLIPEmbedder(_FrozenMixin):
     ) -> None:
         super().__init__()
         if layer not in self.LAYERS:
-            raise ValueError(f"layer must be one of {self.LAYERS}, got {layer!r}")
+            raise InputError(f"layer must be one of {self.LAYERS}, got {layer!r}")
         self.arch = arch
         self.version = version
         self.max_length = max_length
