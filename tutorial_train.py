@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader
 
 from cldm.checkpoint import check_resumable, load_weights
 from cldm.cldm import OPTIMIZERS
+from cldm.control import ControlReward
 from cldm.logger import ImageLogger
 from cldm.model import create_model
 from ldm.errors import DEBUG_HELP, InputError, MissingFileError, TrainingDiverged, command_line
+from ldm.models.diffusion.loss import TIMESTEP_SAMPLINGS, TrainingRecipe
 from training.fidelity import EvaluationSettings, fidelity_callback_from_args
 from training.loop import (
     AtomicCheckpointIO,
@@ -31,6 +33,7 @@ from training.loop import (
     StopOnNonFiniteGradients,
     Throughput,
 )
+from training.rewards import measure_from_name
 from tutorial_dataset import MyDataset
 
 
@@ -79,6 +82,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(2.1 GB less for SD1.5; checkpoints still hold them at full precision); auto = half "
                         "with bf16-mixed, full otherwise")
     p.add_argument("--accumulate_grad_batches", type=positive_int, default=1)
+    recipe = p.add_argument_group("training recipe (all off by default: the original's objective; see docs/train.md)")
+    recipe.add_argument("--timestep_sampling", default="uniform", choices=TIMESTEP_SAMPLINGS,
+                        help="uniform; cubic (T2I-Adapter: t = (1 - u^3) T, noisier steps); logit_normal (SD3)")
+    recipe.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal's mean")
+    recipe.add_argument("--logit_std", type=float, default=1.0, help="logit_normal's standard deviation")
+    recipe.add_argument("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting with this gamma")
+    recipe.add_argument("--noise_offset", type=float, default=0.0, help="offset noise: a per-channel constant")
+    recipe.add_argument("--reward_weight", type=float, default=0.0,
+                        help="ControlNet++-style consistency reward: weight of (1 - fidelity of the one-step "
+                             "prediction) in the loss")
+    recipe.add_argument("--reward_max_timestep", type=positive_int, default=200,
+                        help="the reward applies to steps with t below this")
+    recipe.add_argument("--reward_measure", default="fill50k",
+                        help="fill50k (soft IoU of the circle), edges (soft edge F1), or package.module:Class")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (GPU: ~1.3x faster steps after a minute or two "
                         "of compiling; on a CPU compiling takes many minutes)")
@@ -158,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     model.sd_locked = args.sd_locked
     model.only_mid_control = args.only_mid_control
     model.frozen_dtype = frozen_dtype(args.frozen_weights, args.precision)
+    model.recipe = TrainingRecipe(args.timestep_sampling, args.logit_mean, args.logit_std, args.min_snr_gamma,
+                                  args.noise_offset)
+    if args.reward_weight:
+        model.reward = ControlReward(measure_from_name(args.reward_measure), args.reward_weight,
+                                     args.reward_max_timestep)
     if args.compile:
         model.compile_networks()
 

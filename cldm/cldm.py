@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from cldm.checkpoint import CheckpointMismatchError, explain_mismatch
-from cldm.control import GUESS_MODE_DECAY, Control, UNetWithControls, guess_mode_scales
+from cldm.control import GUESS_MODE_DECAY, Control, ControlReward, UNetWithControls, guess_mode_scales
 from ldm.errors import InputError
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.models.diffusion.sampling import StepCallback
 from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
-from ldm.modules.diffusionmodules.util import conv_nd, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.util import as_input_for, conv_nd, timestep_embedding, zero_module
 from ldm.util import instantiate_from_config, log_txt_as_img
 
 __all__ = ["GUESS_MODE_DECAY", "OPTIMIZERS", "ControlLDM", "ControlNet", "ControlledUnetModel", "guess_mode_scales"]
@@ -153,6 +153,8 @@ class ControlLDM(LatentDiffusion):
         self.control_scales = [1.0] * self.control_model.num_residuals
         self.learning_rate = learning_rate
         self.optimizer = optimizer
+        #: An optional consistency reward on the control (see `ControlReward`); training scripts set it.
+        self.reward: ControlReward | None = None
         self.sd_locked = sd_locked
 
     @property
@@ -226,6 +228,28 @@ class ControlLDM(LatentDiffusion):
             control = control[:bs]
         control = control.to(self.device).permute(0, 3, 1, 2).contiguous().float()
         return x, dict(c_crossattn=[c], c_concat=[control])
+
+    def extra_losses(self, x_start: torch.Tensor, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any],
+                     model_output: torch.Tensor, prefix: str) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The control reward on the steps' low-noise samples (the decode runs on those rows only)."""
+        reward = self.reward
+        hints = cond.get("c_concat")
+        if reward is None or not reward.weight or hints is None:
+            return None, {}
+        rows = t < reward.max_timestep
+        if not bool(rows.any()):
+            return None, {}
+        schedule, x_t, out = self.schedule, x_noisy[rows], model_output[rows]
+        x0 = schedule.x0_from_v(x_t, t[rows], out) if self.parameterization == "v" else \
+            schedule.x0_from_eps(x_t, t[rows], out) if self.parameterization == "eps" else out
+        vae = self.first_stage_model
+        with self.frozen_autocast():
+            images = vae.decode(as_input_for(vae, x0 / self.scale_factor)).float()
+            with torch.no_grad():
+                targets = vae.decode(as_input_for(vae, x_start[rows] / self.scale_factor)).float()
+        scores = reward.measure(images, torch.cat(hints, 1)[rows], targets)
+        loss = reward.weight * (1.0 - scores).mean()
+        return loss, {f"{prefix}/reward_score": scores.mean().detach(), f"{prefix}/loss_reward": loss.detach()}
 
     # ----- the one denoising path ------------------------------------------------------------------------
     def controlled_unet(self, controls: Sequence[Control] = ()) -> UNetWithControls:

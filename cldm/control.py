@@ -124,6 +124,21 @@ class Control:
         return full
 
 
+@dataclass(frozen=True)
+class ControlReward:
+    """A ControlNet++-style consistency reward: at timesteps below `max_timestep`, the clean image predicted in one
+    step from the noised target is decoded and scored against the hint by `measure`; `weight * (1 - score)` joins
+    the loss, and its gradient reaches the ControlNet (the locked UNet and the VAE take none).
+
+    `measure(images, hints, targets) -> [B] scores in [0, 1]` gets the decoded predictions in [-1, 1], the hints in
+    [0, 1] and the decoded targets in [-1, 1] (NCHW); it must be differentiable in `images`.
+    """
+
+    measure: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    weight: float = 1.0
+    max_timestep: int = 200
+
+
 class UNetWithControls:
     """The UNet with the summed residuals of every control active at a step: a conditioned network.
 

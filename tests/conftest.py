@@ -155,10 +155,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = create_model(TINY)
     model.materialize()
     base = {k: v for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    trained_like(base)
     torch.save({"state_dict": base}, root / "sd.ckpt")
     run_script("training/make_fill50k.py", "--out", str(root / "data"), "--n", "8", "--size", "64", "--seed", "0")
     run_script("tool_add_control.py", str(root / "sd.ckpt"), str(root / "ini.ckpt"), "--config", TINY)
     return root
+
+
+def trained_like(state: dict[str, torch.Tensor], seed: int = 0) -> None:
+    """Give the layers a fresh build zero-initialises (the UNet's output conv, every block's last layer) small
+    random values, as a trained SD has. A fresh UNet outputs exactly zero whatever its input, which would make a
+    training run's loss and weights independent of the data, and tests of data order unable to fail."""
+    generator = torch.Generator().manual_seed(seed)
+    for value in state.values():
+        if value.is_floating_point() and value.ndim > 1 and not value.any():
+            value.copy_(torch.randn(value.shape, generator=generator) * 0.05)
 
 
 def train_args(workspace: Path, out: Path, *extra: str) -> list[str]:

@@ -15,9 +15,9 @@ What is stored, and why:
   dropout (`ControlDataset(drop_prompt=...)`, or `CachedDataset.empty_context()` for dropout drawn at
   training time) needs no text encoder either.
 
-Keys, and invalidation: an item's key is the sha256 of (cache format version, model fingerprint, image
-size the data set resizes to, sha256 of the target file's bytes); a prompt's key is the sha256 of (version,
-fingerprint, text). A changed image therefore has a new key and is re-encoded by the next `build_cache`,
+Keys, and invalidation: an item's key is the sha256 of (cache format version, model fingerprint, the item's
+identity: the sha256 of its target's bytes and the geometry it is placed with); a prompt's key is the sha256 of
+(version, fingerprint, text). A changed image therefore has a new key and is re-encoded by the next `build_cache`,
 a changed VAE or text encoder (`model_fingerprint`) changes every key, and entries that no current key
 names are simply never read (`CacheReport.stale` counts them; delete the folder to reclaim the space).
 Shards are written to a temporary name and renamed, so an interrupted build leaves no partial shard.
@@ -41,13 +41,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from cldm.checkpoint import file_sha256
 from ldm.errors import UserError
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from training.dataset import ControlDataset
+from training.dataset import PairedDataset
 
 #: Bump when what is stored, or how keys are made, changes: every older entry then goes stale.
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 #: Elements of each tensor that `model_fingerprint` hashes (evenly spaced), besides every name and shape.
 FINGERPRINT_SAMPLES = 4096
 MOMENTS_PREFIX = "moments/"
@@ -91,9 +90,9 @@ def _sha256(*parts: str | bytes) -> str:
     return digest.hexdigest()
 
 
-def item_key(fingerprint: str, content_sha256: str, size: int | None) -> str:
-    """Key of a target's moments: changes with the model, the image bytes and the size it is resized to."""
-    return _sha256(f"v{CACHE_VERSION}", "moments", fingerprint, content_sha256, str(size))
+def item_key(fingerprint: str, identity: str) -> str:
+    """Key of a target's moments: changes with the model and the item's identity (its image bytes and geometry)."""
+    return _sha256(f"v{CACHE_VERSION}", "moments", fingerprint, identity)
 
 
 def prompt_key(fingerprint: str, text: str) -> str:
@@ -172,21 +171,20 @@ def _batches(indices: Sequence[int], size: int) -> Iterator[Sequence[int]]:
 
 
 @torch.no_grad()
-def build_cache(model: Any, dataset: ControlDataset, cache_dir: str | os.PathLike[str], batch_size: int = 8,
+def build_cache(model: Any, dataset: PairedDataset, cache_dir: str | os.PathLike[str], batch_size: int = 8,
                 shard_size: int = 256, fingerprint: str | None = None) -> CacheReport:
     """Encode whatever the cache lacks for `dataset` under `model`; reuse the rest.
 
     Targets are VAE-encoded `batch_size` at a time (on the model's device, in float32) and stored with the
-    embeddings of prompts not seen before, `shard_size` items per shard. `dataset` is a ControlDataset
+    embeddings of prompts not seen before, `shard_size` items per shard. `dataset` is a PairedDataset
     (its `prompt(i)`, after prompt dropout, names the embedding an item uses).
     """
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint or model_fingerprint(model)
-    size = getattr(dataset, "size", None)
     stored = index_shards(cache_dir)
-    keys = [item_key(fingerprint, file_sha256(dataset.target_path(i)), size) for i in range(len(dataset))]
+    keys = [item_key(fingerprint, dataset.cache_identity(i)) for i in range(len(dataset))]
     texts = sorted({"", *(dataset.prompt(i) for i in range(len(dataset)))})
     wanted = {MOMENTS_PREFIX + k for k in keys} | {CONTEXT_PREFIX + prompt_key(fingerprint, t) for t in texts}
     todo: list[int] = []  # items to encode; identical target files (same key) only once
@@ -258,20 +256,19 @@ class CachedDataset(Dataset):
     training on its old latent; reading the file costs far less than decoding it.
     """
 
-    def __init__(self, dataset: ControlDataset, cache_dir: str | os.PathLike[str], model_fingerprint: str,
+    def __init__(self, dataset: PairedDataset, cache_dir: str | os.PathLike[str], model_fingerprint: str,
                  verify: bool = True) -> None:
         self.dataset = dataset
         self.cache_dir = Path(cache_dir)
         self.fingerprint = model_fingerprint
         self.verify = verify
-        self._size = getattr(dataset, "size", None)
-        self._content = [file_sha256(dataset.target_path(i)) for i in range(len(dataset))]
+        self._content = [dataset.cache_identity(i) for i in range(len(dataset))]
         self._index = index_shards(self.cache_dir)
         self._handles: dict[Path, Any] = {}
         missing = [i for i in range(len(dataset)) if self._moments_name(i) not in self._index]
         missing_texts = sorted({t for t in self._texts() if self._context_name(t) not in self._index})
         if missing or missing_texts:
-            first = (f"item {missing[0]} ({dataset.target_path(missing[0])})" if missing
+            first = (f"item {missing[0]} ({dataset.source.where(missing[0])})" if missing
                      else f"prompt {missing_texts[0]!r}")
             raise CacheMissError(f"{self.cache_dir}: {len(missing)} items and {len(missing_texts)} prompts are not "
                                  f"cached for model {model_fingerprint[:12]}, e.g. {first}; run build_cache")
@@ -281,7 +278,7 @@ class CachedDataset(Dataset):
         yield from (self.dataset.prompt(i) for i in range(len(self.dataset)))
 
     def _moments_name(self, index: int) -> str:
-        return MOMENTS_PREFIX + item_key(self.fingerprint, self._content[index], self._size)
+        return MOMENTS_PREFIX + item_key(self.fingerprint, self._content[index])
 
     def _context_name(self, text: str) -> str:
         return CONTEXT_PREFIX + prompt_key(self.fingerprint, text)
@@ -307,8 +304,9 @@ class CachedDataset(Dataset):
         return self._tensor(self._context_name(""))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        if self.verify and file_sha256(self.dataset.target_path(index)) != self._content[index]:
-            raise StaleCacheError(f"{self.dataset.target_path(index)} changed after the cache was opened; "
+        index %= len(self.dataset)
+        if self.verify and self.dataset.cache_identity(index) != self._content[index]:
+            raise StaleCacheError(f"{self.dataset.source.where(index)} changed after the cache was opened; "
                                   "run build_cache again and reopen the CachedDataset")
         text = self.dataset.prompt(index)
         return {

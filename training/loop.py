@@ -11,54 +11,21 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.nn.utils import get_total_norm
-from torch.utils.data import Sampler
 
 from cldm.checkpoint import atomic_write, stale_temporaries
 from ldm.errors import InputError, TrainingDiverged
+from training.order import DataOrder, ResumableSampler
 
-
-class ResumableSampler(Sampler[int]):
-    """An endless stream of dataset indices: epoch e is a permutation drawn from (seed, e).
-
-    The stream is split across data-parallel ranks by interleaving (rank r takes positions r, r + W, ...),
-    and `start` (samples already consumed by all ranks together) skips what a resumed run has seen.
-    """
-
-    def __init__(self, dataset_size: int, seed: int = 0, shuffle: bool = True) -> None:
-        if dataset_size <= 0:
-            raise ValueError("the dataset is empty")
-        self.dataset_size = dataset_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.start = 0
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.dataset_size)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.dataset_size, generator=generator)
-
-    def __iter__(self) -> Iterator[int]:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
-        position = self.start + rank
-        epoch, order = -1, torch.empty(0, dtype=torch.long)
-        while True:
-            if position // self.dataset_size != epoch:
-                epoch = position // self.dataset_size
-                order = self._order(epoch)
-            yield int(order[position % self.dataset_size])
-            position += world
+__all__ = ["AtomicCheckpointIO", "DataOrder", "ExactResume", "LastCheckpoint", "ResumableSampler",
+           "StopOnNonFiniteGradients", "Throughput", "non_finite"]
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -83,14 +50,16 @@ def _restore_rng(state: dict[str, Any]) -> None:
 
 
 class ExactResume(pl.Callback):
-    """Saves RNG states with each checkpoint and, on resume, restores them and the data position.
+    """Saves RNG states and the data position with each checkpoint and, on resume, restores them.
 
-    RNG states are put back right before the first resumed step, after Lightning has set up data loading
-    (which draws from the global RNG), so the resumed steps see the same noise and timesteps.
+    The data position is set as the checkpoint is loaded, before Lightning creates the data loader's iterator
+    (which starts drawing indices, and starts worker processes, before `on_train_start`). RNG states are put back
+    right before the first resumed step, after Lightning has set up data loading (which draws from the global
+    RNG), so the resumed steps see the same noise and timesteps.
     """
 
-    def __init__(self, sampler: ResumableSampler, samples_per_step: int) -> None:
-        self.sampler = sampler
+    def __init__(self, order: DataOrder, samples_per_step: int) -> None:
+        self.order = order
         self.samples_per_step = samples_per_step
         self._pending_rng: dict[str, Any] | None = None
 
@@ -99,25 +68,35 @@ class ExactResume(pl.Callback):
         return "ExactResume"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": _capture_rng(), "samples_per_step": self.samples_per_step}
+        return {"rng": _capture_rng(), "samples_per_step": self.samples_per_step, "order": self.order.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("samples_per_step") != self.samples_per_step:
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+                           ) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            raise InputError("cannot resume exactly: the checkpoint holds no data position (it was not written by "
+                             "tutorial_train.py); train from it with --resume_path instead of --resume")
+        if state.get("samples_per_step") != self.samples_per_step:
             raise InputError(
-                f"cannot resume exactly: the checkpoint was trained with {state_dict.get('samples_per_step')} "
+                f"cannot resume exactly: the checkpoint was trained with {state.get('samples_per_step')} "
                 f"samples per step, this run has {self.samples_per_step} (batch size x accumulation x devices): "
                 "resume with the same --batch_size, --accumulate_grad_batches and --devices"
             )
-        self._pending_rng = state_dict["rng"]
+        self.order.load_state_dict(state.get("order", {}))
+        self.order.resume_at(int(checkpoint["global_step"]), self.samples_per_step)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sampler.start = trainer.global_step * self.samples_per_step
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict["rng"]
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         if self._pending_rng is not None:
             _restore_rng(self._pending_rng)
             self._pending_rng = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.order.observe(batch)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -30,7 +30,7 @@ from torch import nn
 
 from ldm.errors import InputError, TrainingDiverged
 from ldm.models.deferred import DeferredParts, build_deferred, first_parameter
-from ldm.models.diffusion.loss import DiffusionLoss
+from ldm.models.diffusion.loss import DiffusionLoss, TrainingRecipe
 from ldm.models.diffusion.schedule import (
     PARAMETERIZATIONS,
     SCHEDULE_BUFFERS,
@@ -112,6 +112,8 @@ class LatentDiffusion(pl.LightningModule):
             )
         self.parameterization = parameterization
         self.diffusion_loss = DiffusionLoss(loss_type, l_simple_weight, original_elbo_weight)
+        #: Timestep distribution, loss weighting and noise offset of training steps (the original's by default).
+        self.recipe = TrainingRecipe()
         self.first_stage_key = first_stage_key
         self.cond_stage_key = cond_stage_key
         self.image_size = image_size
@@ -254,15 +256,28 @@ class LatentDiffusion(pl.LightningModule):
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        noise = standard_noise(x_start) if noise is None else noise
-        model_output = self.apply_model(self.q_sample(x_start, t, noise), t, cond)
+        noise = self.recipe.noise(x_start) if noise is None else noise
+        x_noisy = self.q_sample(x_start, t, noise)
+        model_output = self.apply_model(x_noisy, t, cond)
         target = self.schedule.target(self.parameterization, x_start, noise, t)
-        return self.diffusion_loss(model_output, target, t, self.lvlb_weights, "train" if self.training else "val")
+        prefix = "train" if self.training else "val"
+        weights = self.recipe.weights(self.alphas_cumprod, t, self.parameterization)
+        loss, logs = self.diffusion_loss(model_output, target, t, self.lvlb_weights, prefix, weights)
+        extra, extra_logs = self.extra_losses(x_start, x_noisy, t, cond, model_output, prefix)
+        if extra is not None:
+            loss = loss + extra
+            logs = {**logs, **extra_logs, f"{prefix}/loss": loss.detach()}
+        return loss, logs
+
+    def extra_losses(self, x_start: torch.Tensor, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any,
+                     model_output: torch.Tensor, prefix: str) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Terms a subclass adds to the diffusion loss (ControlLDM's control reward); none here."""
+        return None, {}
 
     def forward(self, x: torch.Tensor, c: Any, *args: Any, **kwargs: Any
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.materialize()
-        t = torch.randint(0, self.num_timesteps, (x.shape[0],), device=self.device).long()
+        t = self.recipe.timesteps(x.shape[0], self.num_timesteps, self.device)
         return self.p_losses(x, c, t, *args, **kwargs)
 
     def shared_step(self, batch: Mapping[str, Any], **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,0 +1,228 @@
+"""Training recipes measured on the demo's fidelity curve: when does each converge, and how well does it end?
+
+On the built-in demo's setup (its pretrained base, its generated Fill50K, 16 px, batch 16, learning rate 3e-4, a
+1,500-step budget), each recipe trains with three seeds. For each run: the convergence step (first crossing of
+halfway between the no-control baseline and the final score, as the demo's plot marks it), the final held-out IoU
+on fresh seeds never used in training or tuning (7 and 8, 64 hints each) at the recipe's best guidance (chosen on
+tuning seed 2 from 2, 3 and 5 with the recipe's seed-0 run), and the seconds per training step. Runs go two at a
+time, one thread each; a finished run is not run again (delete its folder to redo it).
+
+    .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes          # all recipes
+    .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --recipes uniform cubic
+    .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --report   # table and plot only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import REPO_ROOT
+
+CONFIG = "configs/demo_fill50k.yaml"
+DATA = REPO_ROOT / "training" / "fill50k_demo"
+BASE = REPO_ROOT / "models" / "base_fill50k.ckpt"
+BATCH, STEPS, LR, EVERY = 16, 1500, 3e-4, 50
+SEEDS = (0, 1, 2)
+TUNING_SEED, EVAL_SEEDS, EVAL_N = 2, (7, 8), 64
+GUIDANCES = (2.0, 3.0, 5.0)
+#: name -> (extra flags, optimizer steps, fidelity interval): equal samples seen (24,000) for every recipe.
+RECIPES: dict[str, tuple[list[str], int, int]] = {
+    "uniform": ([], STEPS, EVERY),
+    "cubic": (["--timestep_sampling", "cubic"], STEPS, EVERY),
+    "logit_normal": (["--timestep_sampling", "logit_normal"], STEPS, EVERY),
+    "min_snr5": (["--min_snr_gamma", "5"], STEPS, EVERY),
+    "noise_offset0.1": (["--noise_offset", "0.1"], STEPS, EVERY),
+    "reward0.5": (["--reward_weight", "0.5", "--reward_max_timestep", "200", "--reward_measure", "fill50k"], STEPS,
+                  EVERY),
+    "accumulate4": (["--accumulate_grad_batches", "4"], STEPS // 4, EVERY // 4),
+}
+
+
+def run(args: list[str], log: Path, threads: int = 1) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed; see {log}")
+
+
+def prepare(out: Path) -> Path:
+    """The demo's data and base (made as `make demo` makes them when missing) and the initial control."""
+    if not (DATA / "prompt.json").is_file():
+        run(["training/make_fill50k.py", "--out", str(DATA), "--n", "10000", "--size", "16", "--seed", "0",
+             "--overwrite"], out / "data.log", threads=2)
+    if not BASE.is_file():
+        run(["training/pretrain_base.py", "--config", "configs/base_fill50k.yaml", "--out", str(BASE), "--seed", "0"],
+            out / "pretrain.log", threads=2)
+    initial = out / "control_ini.ckpt"
+    if not initial.is_file():
+        run(["tool_add_control.py", str(BASE), str(initial), "--config", CONFIG, "--seed", "0"], out / "ini.log")
+    return initial
+
+
+def train(name: str, flags: list[str], steps: int, every: int, seed: int, initial: Path, out: Path) -> Path:
+    folder = out / f"{name}_seed{seed}"
+    if (folder / "done.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    run(["tutorial_train.py", "--config", CONFIG, "--resume_path", str(initial), "--data", str(DATA),
+         "--out", str(folder), "--batch_size", str(BATCH), "--max_steps", str(steps), "--learning_rate", str(LR),
+         "--logger_freq", "100000", "--save_every", str(steps), "--seed", str(seed), "--fidelity_every", str(every),
+         "--fidelity_n", "16", "--fidelity_kind", "fill50k", *flags], folder / "train.log")
+    (folder / "done.json").write_text(json.dumps({"wall_s": time.time() - start}))
+    return folder
+
+
+def score(folder: Path, seed: int, guidance: float) -> float:
+    """Held-out IoU of a run's last.ckpt on `EVAL_N` fresh hints of `seed` (cached in the run's folder)."""
+    cache = folder / f"score_seed{seed}_g{guidance:g}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())["iou"]
+    log = folder / f"score_seed{seed}_g{guidance:g}.log"
+    run(["-m", "training.fidelity", "--config", CONFIG, "--ckpt", str(folder / "last.ckpt"), "--n", str(EVAL_N),
+         "--seed", str(seed), "--guidance_scale", str(guidance)], log)
+    found = re.search(r"iou=(\d\.\d+) baseline=(\d\.\d+)", log.read_text())
+    assert found is not None, log
+    result = {"iou": float(found.group(1)), "baseline": float(found.group(2))}
+    cache.write_text(json.dumps(result))
+    return result["iou"]
+
+
+def curve(folder: Path) -> list[dict[str, float]]:
+    with open(folder / "fidelity.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def convergence_samples(rows: list[dict[str, float]], samples_per_step: int) -> float | None:
+    """Samples seen at the first evaluation reaching halfway from the baseline to the final score."""
+    baseline, final = rows[0]["baseline"], rows[-1]["iou"]
+    if final <= baseline:
+        return None
+    halfway = baseline + 0.5 * (final - baseline)
+    return next(r["step"] * samples_per_step for r in rows if r["iou"] >= halfway)
+
+
+def seconds_per_step(folder: Path, samples_per_step: int) -> float:
+    """Median training time per optimizer step, from the logged samples/s (evaluations excluded)."""
+    rates = []
+    for path in folder.glob("logs/version_*/metrics.csv"):
+        with open(path, newline="") as f:
+            rates += [float(r["samples_per_sec"]) for r in csv.DictReader(f) if r.get("samples_per_sec")]
+    return samples_per_step / statistics.median(rates) if rates else float("nan")
+
+
+def samples_per_step(flags: list[str]) -> int:
+    accumulate = flags[flags.index("--accumulate_grad_batches") + 1] if "--accumulate_grad_batches" in flags else 1
+    return BATCH * int(accumulate)
+
+
+def measure(name: str, folders: list[Path], pool: ThreadPoolExecutor) -> dict[str, Any]:
+    """Tune the guidance on the seed-0 run, score every run on the fresh seeds, read the curves."""
+    flags = RECIPES[name][0]
+    per_step = samples_per_step(flags)
+    tuned = dict(zip(GUIDANCES, pool.map(lambda g: score(folders[0], TUNING_SEED, g), GUIDANCES)))
+    guidance = max(tuned, key=tuned.get)
+    finals = list(pool.map(lambda job: score(*job), [(f, s, guidance) for f in folders for s in EVAL_SEEDS]))
+    curves = [curve(f) for f in folders]
+    converged = [convergence_samples(c, per_step) for c in curves]
+    reached = [c for c in converged if c is not None]
+    return {
+        "recipe": name, "flags": flags, "guidance": guidance, "tuning": tuned,
+        "convergence_samples": converged, "final_iou": finals, "final_iou_mean": statistics.mean(finals),
+        "convergence_samples_mean": statistics.mean(reached) if reached else None,
+        "s_per_step": statistics.median(seconds_per_step(f, per_step) for f in folders),
+        "curves": [[(r["step"] * per_step, r["iou"]) for r in c] for c in curves],
+        "baseline": statistics.mean(c[0]["baseline"] for c in curves),
+    }
+
+
+def report(out: Path) -> str:
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))]
+    if not results:
+        return "no results yet"
+    uniform = next((r for r in results if r["recipe"] == "uniform"), results[0])
+    lines = ["| recipe | convergence (samples seen, per seed) | mean | vs uniform | final IoU (seeds 7, 8; 3 runs) | "
+             "vs uniform | guidance | s/step |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        conv = ", ".join("-" if c is None else f"{c:.0f}" for c in r["convergence_samples"])
+        mean = r["convergence_samples_mean"]
+        ratio = f"{mean / uniform['convergence_samples_mean']:.2f}x" if mean and uniform["convergence_samples_mean"] \
+            else "-"
+        lines.append(f"| {r['recipe']} | {conv} | {mean:.0f} | {ratio} | {r['final_iou_mean']:.3f} | "
+                     f"{r['final_iou_mean'] - uniform['final_iou_mean']:+.3f} | {r['guidance']:g} | "
+                     f"{r['s_per_step']:.3f} |" if mean else f"| {r['recipe']} | {conv} | - | - | "
+                     f"{r['final_iou_mean']:.3f} | {r['final_iou_mean'] - uniform['final_iou_mean']:+.3f} | "
+                     f"{r['guidance']:g} | {r['s_per_step']:.3f} |")
+    best = max(results, key=lambda r: r["final_iou_mean"])
+    plot(out / "recipes.png", [uniform, best] if best is not uniform else [uniform])
+    return "\n".join(lines)
+
+
+def plot(path: Path, results: list[dict[str, Any]]) -> None:
+    """Mean held-out IoU against samples seen, per recipe (mean over its seeds)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    for r in results:
+        points = min(len(c) for c in r["curves"])
+        xs = [r["curves"][0][i][0] for i in range(points)]
+        ys = [statistics.mean(c[i][1] for c in r["curves"]) for i in range(points)]
+        ax.plot(xs, ys, ".-", label=f"{r['recipe']} (mean of {len(r['curves'])} seeds)")
+    ax.axhline(results[0]["baseline"], ls="--", color="gray", label="no control (base model)")
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("held-out IoU (16 hints, during training)")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main() -> None:
+    global STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS  # --quick shrinks the measurement (a smoke run)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "recipes")
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--combine", nargs="+", default=None, metavar="RECIPE",
+                        help="measure these recipes' flags together (the best combination) instead")
+    parser.add_argument("--report", action="store_true", help="only print the table of what was measured")
+    parser.add_argument("--quick", action="store_true", help="4 steps, one seed, 2 hints: checks the script only")
+    args = parser.parse_args()
+    if args.quick:
+        STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS = 4, 2, (0,), 2, (3.0,), (7,)
+        for name, (flags, steps, every) in list(RECIPES.items()):
+            RECIPES[name] = (flags, max(1, steps * 4 // 1500), max(1, every * 2 // 50))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        if args.combine:
+            flags = [f for name in args.combine for f in RECIPES[name][0]]
+            RECIPES["+".join(args.combine)] = (flags, STEPS, EVERY)
+            args.recipes = ["+".join(args.combine)]
+        initial = prepare(args.out)
+        jobs = [(name, seed) for name in args.recipes for seed in SEEDS]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            folders = list(pool.map(lambda job: train(job[0], *RECIPES[job[0]], job[1], initial, args.out), jobs))
+            for name in args.recipes:
+                result = measure(name, [f for (n, _), f in zip(jobs, folders) if n == name], pool)
+                (args.out / f"result_{name}.json").write_text(json.dumps(result, indent=1))
+                print(f"{name}: convergence {result['convergence_samples']} final {result['final_iou']}", flush=True)
+    print(report(args.out))
+
+
+if __name__ == "__main__":
+    main()
