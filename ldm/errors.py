@@ -55,8 +55,15 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 
 def one_line(err: BaseException) -> str:
-    """The first line of an error's message, without terminal colour codes (torch styles some of its messages)."""
+    """The first line of an error's message, without terminal colour codes (torch styles some of its messages).
+
+    An error raised in a DataLoader worker reaches the main process as "Caught X in DataLoader worker process N"
+    followed by the worker's traceback, whose last line is the original message: that line is the one shown.
+    """
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return re.sub(r"^[\w.]+: ", "", last, count=1)
     return text.splitlines()[0] if text else type(err).__name__
 
 

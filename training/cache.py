@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,9 @@ def build_cache(model: Any, dataset: PairedDataset, cache_dir: str | os.PathLike
     for chunk in _batches(missing_texts, batch_size):
         for text, context in zip(chunk, model.get_learned_conditioning(list(chunk))):
             pending[CONTEXT_PREFIX + prompt_key(fingerprint, text)] = context.float().cpu()
-    for chunk in _batches(todo, batch_size):
+    todo.sort(key=dataset.output_size)  # a batch needs one size: with --buckets, items come in several
+    for chunk in (c for size, group in groupby(todo, key=dataset.output_size)
+                  for c in _batches(list(group), batch_size)):
         images = np.stack([dataset[i]["jpg"] for i in chunk])
         x = torch.from_numpy(images).to(model.device).permute(0, 3, 1, 2).contiguous().float()
         moments = _posterior_moments(model.encode_first_stage(x))

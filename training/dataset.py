@@ -34,7 +34,7 @@ from training.sources import (
     open_source,
 )
 
-__all__ = ["BadLine", "ControlDataset", "DatasetError", "PairedDataset", "open_dataset"]
+__all__ = ["BadLine", "ControlDataset", "DatasetError", "PairedDataset", "open_dataset", "place_pair", "training_item"]
 
 
 class PairedDataset(Dataset):
@@ -116,19 +116,9 @@ class PairedDataset(Dataset):
     def placed(self, index: int) -> tuple[np.ndarray, np.ndarray, Placement]:
         """Target and hint (uint8 RGB) at the output geometry, and where they came from."""
         item = index % len(self)
-        rng = self._rng(index)
         raw = self.source.load(item)
-        hint = None if self.hint_maker is not None else raw.hint
-        if hint is None and self.hint_maker is None:
-            raise DatasetError(f"{self.source.where(item)}: no hint (this layout has none here): make them with "
-                               "--hint PREPROCESSOR")
-        if hint is not None and hint.shape[:2] != raw.target.shape[:2]:
-            raise DatasetError(f"{self.source.where(item)}: hint is {hint.shape[1]}x{hint.shape[0]} but the target is "
-                               f"{raw.target.shape[1]}x{raw.target.shape[0]}")
-        target, hint, placement = self.geometry.place(raw.target, hint, rng)
-        if hint is None:
-            hint = self.hint_maker(target, rng)  # type: ignore[misc]
-        return target, hint, placement
+        return place_pair(raw.target, raw.hint, self.geometry, self.hint_maker, self._rng(index),
+                          self.source.where(item))
 
     def hint(self, index: int) -> np.ndarray:
         """Item `index`'s hint alone, as `self[index]["hint"]` (HWC float32 in [0, 1])."""
@@ -136,8 +126,29 @@ class PairedDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         target, hint, _ = self.placed(index)
-        return {"jpg": target.astype(np.float32) / 127.5 - 1.0, "txt": self.prompt(index),
-                "hint": hint.astype(np.float32) / 255.0}
+        return training_item(target, hint, self.prompt(index))
+
+
+def place_pair(target: np.ndarray, hint: np.ndarray | None, geometry: Geometry, hint_maker: HintMaker | None,
+               rng: np.random.Generator, where: str) -> tuple[np.ndarray, np.ndarray, Placement]:
+    """One item's target and hint (uint8 RGB) at `geometry`, the hint made from the placed target when
+    `hint_maker` is given (then a stored hint is ignored): the one path every layout's items take."""
+    if hint_maker is not None:
+        hint = None
+    elif hint is None:
+        raise DatasetError(f"{where}: no hint (this layout has none here): make them with --hint PREPROCESSOR")
+    if hint is not None and hint.shape[:2] != target.shape[:2]:
+        raise DatasetError(f"{where}: hint is {hint.shape[1]}x{hint.shape[0]} but the target is "
+                           f"{target.shape[1]}x{target.shape[0]}")
+    target, hint, placement = geometry.place(target, hint, rng)
+    if hint is None:
+        hint = hint_maker(target, rng)  # type: ignore[misc]
+    return target, hint, placement
+
+
+def training_item(target: np.ndarray, hint: np.ndarray, prompt: str) -> dict[str, Any]:
+    """The original tutorial's item: `jpg` in [-1, 1], `hint` in [0, 1] (float32 HWC), `txt`."""
+    return {"jpg": target.astype(np.float32) / 127.5 - 1.0, "txt": prompt, "hint": hint.astype(np.float32) / 255.0}
 
 
 class ControlDataset(PairedDataset):

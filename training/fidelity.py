@@ -44,12 +44,16 @@ from cldm.checkpoint import load_weights
 from cldm.control import Control
 from cldm.metrics import circle_mask_from_colors, color_accuracy, edge_f1, iou
 from cldm.model import create_model, load_config
-from ldm.errors import DEBUG_HELP, InputError, command_line
+from ldm.errors import DEBUG_HELP, InputError, MissingFileError, command_line
 from ldm.util import settings_from
-from training.dataset import ControlDataset
+from training.dataset import ControlDataset, PairedDataset
 from training.make_fill50k import sample_fill50k, sample_rng
 
 KINDS = ("auto", "fill50k", "edges")
+#: A held-out set of this kind is sampled (grids) but not scored: hints no measure applies to.
+UNSCORED = "samples"
+#: Hints whose fidelity edge F1 measures: edge maps.
+EDGE_PREPROCESSORS = ("canny", "hed", "mlsd", "scribble")
 #: Held-out Fill50K item i is sample HELDOUT_START + i of the seed's stream: an index no generated
 #: training set reaches, so held-out hints are never training hints, whatever the seeds.
 HELDOUT_START = 10**9
@@ -112,14 +116,52 @@ def fill50k_heldout(n: int, seed: int, size: int) -> HeldOut:
 
 
 def dataset_heldout(root: str | Path, n: int, seed: int, size: int | None) -> HeldOut:
-    """A fixed subset of `n` items of the data set at `root` (chosen by `seed`), scored as edges."""
-    dataset = ControlDataset(root, size=size)
-    count = min(n, len(dataset))
-    indices = sorted(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False).tolist())
-    items = [dataset[i] for i in indices]
+    """A fixed subset of `n` items of the `prompt.json` data set at `root` (chosen by `seed`), scored as edges."""
+    return heldout_of(ControlDataset(root, size=size), n, seed)
+
+
+def heldout_of(dataset: PairedDataset, n: int, seed: int) -> HeldOut:
+    """A fixed subset of `n` items of `dataset` (chosen by `seed`; of its first size, so they batch), as edges."""
+    first_size = dataset.output_size(0)
+    same_size = [i for i in range(len(dataset)) if dataset.output_size(i) == first_size]
+    count = min(n, len(same_size))
+    chosen = np.random.default_rng(seed).choice(len(same_size), size=count, replace=False).tolist()
+    items = [dataset[same_size[i]] for i in sorted(chosen)]
     return HeldOut(kind="edges", hints=np.stack([item["hint"] for item in items]),
                    targets=(np.stack([item["jpg"] for item in items]) + 1.0) / 2.0,
                    prompts=[item["txt"] for item in items])
+
+
+def looks_like_edges(hints: np.ndarray) -> bool:
+    """Whether hints (N, H, W, 3 in [0, 1]) are edge maps: nearly two-tone, mostly dark, bright lines sparse."""
+    grey = hints.mean(axis=-1)
+    two_tone = float(((grey < 0.1) | (grey > 0.9)).mean())
+    return two_tone > 0.95 and float((grey > 0.5).mean()) < 0.3
+
+
+def validation_heldout(pairs: Sequence[tuple[str | Path, str]], size: tuple[int, int], scored: bool | None = None
+                       ) -> HeldOut:
+    """The `--validation_image` hints (made `size` = (width, height) as training items are: resized to cover,
+    centre-cropped) with their prompts. Scored by edge F1 when `scored`, or (None) when they look like edge maps;
+    otherwise only sampled."""
+    from training.geometry import Geometry
+    from training.images import HINT_MATTE, decode_image
+
+    width, height = size
+    hints = []
+    for path, _ in pairs:
+        if not Path(path).is_file():
+            raise MissingFileError(f"{path}: validation image not found")
+        try:
+            hint = decode_image(Path(path), HINT_MATTE)
+        except ValueError as err:
+            raise InputError(f"{path}: validation image is not a readable image ({err})") from None
+        placed, _, _ = Geometry(buckets=((width, height),), resolution=max(width, height)).place(hint, None)
+        hints.append(placed.astype(np.float32) / 255.0)
+    stacked = np.stack(hints)
+    edges = looks_like_edges(stacked) if scored is None else scored
+    return HeldOut(kind="edges" if edges else UNSCORED, hints=stacked, targets=stacked,
+                   prompts=[prompt for _, prompt in pairs])
 
 
 def looks_like_fill50k(prompts: Sequence[str]) -> bool:
@@ -229,7 +271,9 @@ def score_edges(images: np.ndarray, heldout: HeldOut) -> dict[str, float]:
 
 
 def score(images: np.ndarray, heldout: HeldOut) -> dict[str, float]:
-    """The held-out set's scores; the first key is the headline metric."""
+    """The held-out set's scores; the first key is the headline metric (none for an unscored set)."""
+    if heldout.kind == UNSCORED:
+        return {}
     return score_fill50k(images, heldout) if heldout.kind == "fill50k" else score_edges(images, heldout)
 
 
@@ -321,8 +365,10 @@ class FidelityCallback(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int, out_dir: str | Path, make_heldout: Callable[[], HeldOut], *,
-                 seed: int = 0, guidance_scale: float = 9.0, ddim_steps: int = 20, batch_size: int = 16) -> None:
+                 seed: int = 0, guidance_scale: float = 9.0, ddim_steps: int = 20, batch_size: int = 16,
+                 name: str = "fidelity", samples_subdir: str = "fidelity_samples") -> None:
         super().__init__()
+        self.name, self.samples_dir = name, Path(out_dir) / samples_subdir
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
         self.every_n_steps = every_n_steps
@@ -337,12 +383,19 @@ class FidelityCallback(pl.Callback):
         self.rows: list[dict[str, float]] = []
         self.sudden_convergence: int | None = None
         self._last_scored = -1
+        self._started = False
+
+    @property
+    def state_key(self) -> str:
+        return f"{type(self).__name__}[{self.name}]"
 
     @property
     def metrics(self) -> list[str]:
         """CSV columns between step and baseline; the first is the headline score."""
         if self.heldout is None:
             raise RuntimeError("the held-out set is built when training starts")
+        if self.heldout.kind == UNSCORED:
+            return []
         return ["iou", "color_acc"] if self.heldout.kind == "fill50k" else ["edge_f1"]
 
     def _sample(self, pl_module: pl.LightningModule, with_control: bool) -> np.ndarray:
@@ -363,36 +416,41 @@ class FidelityCallback(pl.Callback):
         if self.heldout is None:
             self.heldout = self.make_heldout()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.rows = [r for r in read_csv(self.out_dir / "fidelity.csv", self.metrics)
-                     if r["step"] <= trainer.global_step]
         images = self._sample(pl_module, with_control=False)
-        self.baseline = score(images, self.heldout)[self.metrics[0]]
-        save_grid([self.heldout.hints, self.heldout.targets, images],
-                  self.out_dir / "fidelity_samples" / "baseline.png")
-        print(f"fidelity: no-control baseline {self.metrics[0]}={self.baseline:.3f} "
-              f"on {len(self.heldout)} held-out {self.heldout.kind} hints")
+        save_grid([self.heldout.hints, self.heldout.targets, images], self.samples_dir / "baseline.png")
+        if self.metrics:
+            self.rows = [r for r in read_csv(self.out_dir / "fidelity.csv", self.metrics)
+                         if r["step"] <= trainer.global_step]
+            self.baseline = score(images, self.heldout)[self.metrics[0]]
+            print(f"{self.name}: no-control baseline {self.metrics[0]}={self.baseline:.3f} "
+                  f"on {len(self.heldout)} held-out {self.heldout.kind} hints")
+        self._started = True
         if trainer.global_step == 0:  # the curve's first point: a fresh ControlNet changes nothing yet
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Score the model now, append a CSV row, redraw the plot and save the held-out samples' grid."""
-        assert self.heldout is not None and self.baseline is not None
+        assert self.heldout is not None
         step = trainer.global_step
         self._last_scored = step
         images = self._sample(pl_module, with_control=True)
+        grid = self.samples_dir / f"step_{step:06d}.png"
+        save_grid([self.heldout.hints, self.heldout.targets, images], grid)
         scores = score(images, self.heldout)
+        if not scores:  # hints no measure applies to: samples only
+            print(f"{self.name}: step {step}: samples in {grid}")
+            return scores
+        assert self.baseline is not None
         row = {"step": float(step), **scores, "baseline": self.baseline}
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
         write_csv(self.out_dir / "fidelity.csv", self.metrics, self.rows)
         secondary = self.metrics[1] if len(self.metrics) > 1 else None
         self.sudden_convergence = plot_fidelity(self.out_dir / "fidelity.png", self.rows, self.metrics[0],
                                                 self.baseline, secondary)
-        save_grid([self.heldout.hints, self.heldout.targets, images],
-                  self.out_dir / "fidelity_samples" / f"step_{step:06d}.png")
         shown = " ".join(f"{k}={v:.3f}" for k, v in scores.items())
-        print(f"fidelity: step {step}: {shown} (baseline {self.baseline:.3f})")
+        print(f"{self.name}: step {step}: {shown} (baseline {self.baseline:.3f})")
         if pl_module.logger is not None:  # a CSV logger puts the curve beside the loss
-            pl_module.logger.log_metrics({f"fidelity/{k}": v for k, v in scores.items()}, step=step)
+            pl_module.logger.log_metrics({f"{self.name}/{k}": v for k, v in scores.items()}, step=step)
         return scores
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -402,29 +460,36 @@ class FidelityCallback(pl.Callback):
             self.evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and self.baseline is not None and trainer.global_step != self._last_scored:
+        if trainer.is_global_zero and self._started and trainer.global_step != self._last_scored:
             self.evaluate(trainer, pl_module)
 
 
 def fidelity_callback_from_args(kind: str, every_n_steps: int, n: int, seed: int, data_root: str | None,
                                 image_size: int | None, out_dir: str, guidance_scale: float = 9.0,
-                                ddim_steps: int = 20) -> pl.Callback:
+                                ddim_steps: int = 20, dataset: PairedDataset | None = None) -> pl.Callback:
     """The callback `tutorial_train.py --fidelity_every N` adds, from its command-line values.
 
     `kind` `auto` picks `fill50k` when the data's prompts read "<colour> circle with <colour> background"
     (held-out hints drawn fresh, at `image_size` or the data's size), else `edges` (a fixed subset of `n`
-    items of the data, chosen by `seed`). The data is read when training starts.
+    items of the data, chosen by `seed`). The data is `dataset` (any layout) or the `prompt.json` folder
+    `data_root`; it is read when training starts.
     """
     if kind not in KINDS:
         raise InputError(f"fidelity kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if n < 1:
         raise InputError(f"the fidelity set needs at least one item, got n={n}")
-    if kind == "edges" and data_root is None:
+    if kind == "edges" and data_root is None and dataset is None:
         raise InputError("edge fidelity scores a subset of the training data: give its folder")
-    if kind != "edges" and data_root is None and image_size is None:
+    if kind != "edges" and data_root is None and dataset is None and image_size is None:
         raise InputError("fill50k fidelity without a data folder needs an image size")
 
     def make_heldout() -> HeldOut:
+        if dataset is not None:
+            captions = [dataset.source.caption(i) for i in range(min(200, len(dataset)))]
+            resolved = kind if kind != "auto" else "fill50k" if looks_like_fill50k(captions) else "edges"
+            if resolved == "edges":
+                return heldout_of(dataset, n, seed)
+            return fill50k_heldout(n, seed, image_size or dataset.output_size(0)[1])
         resolved = detect_kind(data_root) if kind == "auto" else kind
         if resolved == "edges":
             return dataset_heldout(data_root, n, seed, image_size)  # type: ignore[arg-type]

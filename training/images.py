@@ -50,6 +50,13 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     return width, height
 
 
+def stored_suffix(source: ImageSource) -> str | None:
+    """The suffix shards store this encoded image under as it is (`png`, `jpg`, `webp`), or None for formats they
+    re-encode (to PNG, losslessly)."""
+    with _open(source) as image:
+        return {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}.get(image.format or "")
+
+
 def to_uint8_rgb(array: np.ndarray, matte: int) -> np.ndarray:
     """Convert an OpenCV `IMREAD_UNCHANGED` array (gray/BGR/BGRA, 8 or 16 bit) to uint8 RGB.
 

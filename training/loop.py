@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,15 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.nn.utils import get_total_norm
 
-from cldm.checkpoint import atomic_write, stale_temporaries
+from cldm.checkpoint import CheckpointError, atomic_write, check_resumable, stale_temporaries
 from ldm.errors import InputError, TrainingDiverged
 from training.order import DataOrder, ResumableSampler
 
+#: Where `--keep_last` keeps numbered checkpoints, under the run's folder.
+NUMBERED_DIR = "checkpoints"
+
 __all__ = ["AtomicCheckpointIO", "DataOrder", "ExactResume", "LastCheckpoint", "ResumableSampler",
-           "StopOnNonFiniteGradients", "Throughput", "non_finite"]
+           "StopOnNonFiniteGradients", "Throughput", "newest_resumable", "non_finite", "numbered_checkpoints"]
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -125,11 +129,14 @@ class LastCheckpoint(pl.Callback):
     write left beside `last.ckpt` are removed (they can be as large as a checkpoint).
     """
 
-    def __init__(self, dirpath: str | Path, every_n_steps: int) -> None:
+    def __init__(self, dirpath: str | Path, every_n_steps: int, keep_last: int = 0) -> None:
         if every_n_steps <= 0:
             raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+        if keep_last < 0:
+            raise ValueError(f"keep_last must be 0 or more, got {keep_last}")
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
         #: The step of the state `last.ckpt` holds, when this run wrote it or resumed from it.
         self.written_step: int | None = None
 
@@ -154,6 +161,22 @@ class LastCheckpoint(pl.Callback):
                                    "were not saved and training stopped (try a lower learning rate)")
         trainer.save_checkpoint(self.path, weights_only=False)  # optimizer and RNG too
         self.written_step = trainer.global_step
+        if self.keep_last and trainer.is_global_zero:
+            self._keep_numbered(trainer.global_step)
+
+    def _keep_numbered(self, step: int) -> None:
+        """`checkpoints/step-N.ckpt` beside `last.ckpt` (a hard link where the file system has them: no copy),
+        and only the newest `keep_last` of them."""
+        folder = self.path.parent / NUMBERED_DIR
+        folder.mkdir(exist_ok=True)
+        numbered = folder / f"step-{step:08d}.ckpt"
+        numbered.unlink(missing_ok=True)
+        try:
+            os.link(self.path, numbered)
+        except OSError:
+            atomic_write(numbered, lambda tmp: shutil.copyfile(self.path, tmp), overwrite=True)
+        for old in numbered_checkpoints(self.path.parent)[self.keep_last:]:
+            old.unlink(missing_ok=True)
 
     def status(self) -> str:
         """Which checkpoint holds the last finite state, in words."""
@@ -170,6 +193,30 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module)
+
+
+def numbered_checkpoints(out: str | Path) -> list[Path]:
+    """The numbered checkpoints `--keep_last` keeps under OUT, newest first."""
+    return sorted((Path(out) / NUMBERED_DIR).glob("step-*.ckpt"), reverse=True)
+
+
+def newest_resumable(out: str | Path) -> Path | None:
+    """The checkpoint `--resume` continues from: `last.ckpt`, or where it is missing or damaged the newest intact
+    numbered one; None when OUT has none. A damaged one is named on stdout and passed over."""
+    damaged: list[str] = []
+    for candidate in [Path(out) / "last.ckpt", *numbered_checkpoints(out)]:
+        if not candidate.is_file():
+            continue
+        try:
+            check_resumable(candidate)
+        except CheckpointError as err:
+            damaged.append(str(err))
+            print(f"note: passing over {err}")
+            continue
+        return candidate
+    if damaged:
+        raise CheckpointError(f"{damaged[0]} (and no intact numbered checkpoint in {Path(out) / NUMBERED_DIR})")
+    return None
 
 
 class StopOnNonFiniteGradients(pl.Callback):

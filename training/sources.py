@@ -58,6 +58,15 @@ class RawItem:
 
 
 @dataclass(frozen=True)
+class EncodedItem:
+    """An item's images as stored (file paths or encoded bytes, not decoded) and its caption: what shards copy."""
+
+    target: ImageSource
+    hint: ImageSource | None
+    caption: str
+
+
+@dataclass(frozen=True)
 class Columns:
     """The `datasets` columns holding the target image, the hint image and the caption."""
 
@@ -80,6 +89,7 @@ class ItemSource(Protocol):
     def size(self, index: int) -> tuple[int, int]: ...
     def identity(self, index: int) -> str: ...
     def load(self, index: int) -> RawItem: ...
+    def encoded(self, index: int) -> EncodedItem: ...
 
 
 def detect_format(path: Path) -> str:
@@ -243,6 +253,10 @@ class PromptJsonSource(_Validated):
         record = self.records[index]
         return RawItem(self._decode(index, record.target, TARGET_MATTE), self.load_hint(index), record.prompt)
 
+    def encoded(self, index: int) -> EncodedItem:
+        record = self.records[index]
+        return EncodedItem(record.target, record.source, record.prompt)
+
 
 # ----- Hugging Face datasets --------------------------------------------------------------------------------------
 def _require_datasets() -> Any:
@@ -380,6 +394,12 @@ class DatasetsSource(_Validated):
         return RawItem(self._image(index, self.columns.image, TARGET_MATTE),  # type: ignore[arg-type]
                        self._image(index, self.columns.conditioning_image, HINT_MATTE), self.caption(index))
 
+    def encoded(self, index: int) -> EncodedItem:
+        cells = self.table[self.rows[index]]
+        hint = cells.get(self.columns.conditioning_image)
+        return EncodedItem(_image_bytes(cells[self.columns.image], self.base),  # type: ignore[arg-type]
+                           None if hint is None else _image_bytes(hint, self.base), self.caption(index))
+
 
 # ----- kohya-style folders ----------------------------------------------------------------------------------------
 class FolderSource(_Validated):
@@ -457,6 +477,10 @@ class FolderSource(_Validated):
         from cldm.checkpoint import file_sha256
 
         return file_sha256(self.items[index][0])
+
+    def encoded(self, index: int) -> EncodedItem:
+        image, hint, caption, _ = self.items[index]
+        return EncodedItem(image, hint, caption)
 
     def load(self, index: int) -> RawItem:
         image, hint, caption, _ = self.items[index]
