@@ -1,13 +1,8 @@
-"""Your data as it is: the same 64 items in every layout train the same, and each layout's bad input is one line.
-
-The layouts are written the way their own tools write them (`datasets` for `save_to_disk` and parquet, a
-`metadata.jsonl` image folder as diffusers documents it, kohya's caption files, `make_webdataset.py` for shards).
-"""
+"""Your data as it is: the same 64 items in every layout (`benchmarks/layouts.py`) train the same, and hints made on
+the fly are the annotator's output on the very target the batch carries."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,54 +12,14 @@ import torch
 from conftest import TINY
 
 import tutorial_train
-from training.make_fill50k import make_fill50k
-from training.make_webdataset import shard_pattern, write_shards
-from training.sources import PromptJsonSource
+from benchmarks.layouts import LAYOUTS, write_every_layout
 
 N_ITEMS = 64
-LAYOUTS = ("prompt_json", "hf_disk", "parquet", "imagefolder", "folder", "webdataset")
-
-
-def _write_layouts(root: Path) -> dict[str, str]:
-    """The same 64 Fill50K items in every layout; the `--data` value of each."""
-    import datasets
-
-    fill = root / "prompt_json"
-    make_fill50k(fill, n=N_ITEMS, size=64, seed=0)
-    records = [json.loads(line) for line in (fill / "prompt.json").read_text().splitlines()]
-    names = [f"{i:05d}.png" for i in range(len(records))]
-
-    def image_cells(key: str) -> list[dict[str, Any]]:
-        return [{"bytes": (fill / r[key]).read_bytes(), "path": None} for r in records]
-
-    table = datasets.Dataset.from_dict(
-        {"image": image_cells("target"), "conditioning_image": image_cells("source"),
-         "text": [r["prompt"] for r in records]},
-        features=datasets.Features({"image": datasets.Image(), "conditioning_image": datasets.Image(),
-                                    "text": datasets.Value("string")}))
-    table.save_to_disk(str(root / "hf_disk"))
-    table.to_parquet(str(root / "items.parquet"))
-
-    folder, imagefolder = root / "folder", root / "imagefolder"
-    for sub in ("images", "conditioning"):
-        (folder / sub).mkdir(parents=True)
-        (imagefolder / sub).mkdir(parents=True)
-    with open(imagefolder / "metadata.jsonl", "w") as metadata:
-        for name, record in zip(names, records):
-            for base in (folder, imagefolder):
-                shutil.copy(fill / record["target"], base / "images" / name)
-                shutil.copy(fill / record["source"], base / "conditioning" / name)
-            (folder / "images" / name).with_suffix(".txt").write_text(record["prompt"])
-            metadata.write(json.dumps({"file_name": f"images/{name}", "conditioning_image_file_name":
-                                       f"conditioning/{name}", "text": record["prompt"]}) + "\n")
-    shards = write_shards(PromptJsonSource(fill), root / "shards", shard_size=1)
-    return {"prompt_json": str(fill), "hf_disk": str(root / "hf_disk"), "parquet": str(root / "items.parquet"),
-            "imagefolder": str(imagefolder), "folder": str(folder), "webdataset": shard_pattern(shards)}
 
 
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return _write_layouts(tmp_path_factory.mktemp("layouts"))
+    return write_every_layout(tmp_path_factory.mktemp("layouts"), N_ITEMS, 64)
 
 
 def _args(workspace: Path, data: str, out: Path, *extra: str) -> list[str]:
