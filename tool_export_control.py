@@ -69,6 +69,20 @@ def control_stage_config(config: str | Path) -> Any:
     return params.control_stage_config
 
 
+def size_embedding_width(config: str | Path) -> int | None:
+    """An SDXL config's width of each size number's embedding (its conditioner's `ConcatTimestepEmbedderND`
+    outdim); None for configs without a conditioner."""
+    params = load_config(config).model.get("params") or {}
+    conditioner = params.get("conditioner_config")
+    if conditioner is None:
+        return None
+    widths = {int(entry.params.outdim) for entry in conditioner.params.emb_models
+              if str(entry.target).endswith("ConcatTimestepEmbedderND")}
+    if len(widths) != 1:
+        raise InputError(f"{config}: expected one size embedding width in conditioner_config, found {sorted(widths)}")
+    return widths.pop()
+
+
 def export_control(src: str | Path, out: str | Path, *, fmt: str = "control", dtype: str = "fp16", diff: bool = False,
                    base: str | Path | None = None, config: str | Path | None = None,
                    command: str | None = None) -> dict[str, Any]:
@@ -105,7 +119,8 @@ def export_control(src: str | Path, out: str | Path, *, fmt: str = "control", dt
     })
     inexact = 0
     if fmt == "diffusers":
-        config_json = diffusers_config(net)  # first: a ControlNet diffusers cannot express is refused plainly
+        # first: a ControlNet diffusers cannot express is refused plainly
+        config_json = diffusers_config(net, size_embedding_width(config))
         tensors = to_diffusers(cast, EncoderLayout.of(net))
         atomic_folder(out, lambda tmp: _fill_diffusers_folder(tmp, tensors, config_json, info))
     else:

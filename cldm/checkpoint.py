@@ -7,7 +7,7 @@ naming it. Writing is atomic: a temporary file in the destination's folder, flus
 into place, so OUTPUT is either absent or complete; an existing file is never replaced unless asked, because tools
 that derive one checkpoint from another must not destroy a user's weights by a typo.
 
-A base *family* (SD1.x, SD2.x) is told by the text width of the UNet's cross-attention; `FAMILIES` names the
+A base *family* (SD1.x, SD2.x, SDXL) is told by the text width of the UNet's cross-attention; `FAMILIES` names the
 bundled config that builds each, so errors say "use models/cldm_v21.yaml" instead of failing on the first of
 hundreds of mismatched shapes. Bundled configs resolve from the project's `models/` folder beside the packages (the
 editable install the set-up makes), not from the working directory.
@@ -89,7 +89,8 @@ class Family:
         return MODELS_DIR / self.config_name
 
 
-FAMILIES = (Family("SD1.x", 768, "cldm_v15.yaml"), Family("SD2.x", 1024, "cldm_v21.yaml"))
+FAMILIES = (Family("SD1.x", 768, "cldm_v15.yaml"), Family("SD2.x", 1024, "cldm_v21.yaml"),
+            Family("SDXL", 2048, "cldm_xl.yaml"))
 
 
 def family_of(context_dim: int | None) -> Family | None:
@@ -106,7 +107,8 @@ def display_path(path: str | Path) -> str:
 
 
 def context_dim_of(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int | None:
-    """Text width that a UNet's or ControlNet's weights under `prefix` were trained with (768 SD1.x, 1024 SD2.x)."""
+    """Text width that a UNet's or ControlNet's weights under `prefix` were trained with (768 SD1.x, 1024 SD2.x,
+    2048 SDXL, whose first level has no attention: its first cross-attention is found by name)."""
     weight = state_dict.get(prefix + CROSS_ATTN_KEY)
     if weight is None:
         weight = next((v for k, v in state_dict.items()

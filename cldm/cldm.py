@@ -12,11 +12,18 @@ from cldm.checkpoint import CheckpointMismatchError, explain_mismatch
 from cldm.control import GUESS_MODE_DECAY, Control, ControlReward, UNetWithControls, guess_mode_scales
 from ldm.errors import InputError
 from ldm.models.diffusion import sampling
+from ldm.models.diffusion.conditioning import Context, cat_conditions, rows_of
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.models.diffusion.sampling import StepCallback
-from ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, UNetEncoderSpec, UNetModel
-from ldm.modules.diffusionmodules.util import as_input_for, conv_nd, timestep_embedding, zero_module
+from ldm.modules.diffusionmodules.openaimodel import (
+    EmbedsTimesteps,
+    TimestepEmbedSequential,
+    UNetEncoderSpec,
+    UNetModel,
+)
+from ldm.modules.diffusionmodules.util import as_input_for, conv_nd, zero_module
+from ldm.modules.encoders.conditioner import default_sizes
 from ldm.util import instantiate_from_config, log_txt_as_img
 
 __all__ = ["GUESS_MODE_DECAY", "OPTIMIZERS", "ControlLDM", "ControlNet", "ControlledUnetModel", "guess_mode_scales"]
@@ -31,9 +38,9 @@ class ControlledUnetModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
                 control: list[torch.Tensor] | None = None, only_mid_control: bool = False,
-                **kwargs: Any) -> torch.Tensor:
+                y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
         with torch.no_grad():
-            h, skips, emb = self.encode(x, timesteps, context)
+            h, skips, emb = self.encode(x, timesteps, context, y)
         if control is None:
             return self.decode(h, skips, emb, context)
         if len(control) != len(skips) + 1:
@@ -44,8 +51,9 @@ class ControlledUnetModel(UNetModel):
         return self.decode(h, skips, emb, context)
 
 
-class ControlNet(nn.Module):
-    """A trainable copy of the UNet encoder that reads a control image and returns 13 residuals.
+class ControlNet(EmbedsTimesteps):
+    """A trainable copy of the UNet encoder that reads a control image and returns its residuals (13 for SD1.x/2.x,
+    10 for SDXL: one per input block and the middle block's).
 
     The hint goes through a small conv stack down to latent size (`input_hint_block`) and is added after
     the first input block; every skip feature and the middle output leave through a zero-initialised
@@ -54,13 +62,11 @@ class ControlNet(nn.Module):
 
     def __init__(self, image_size: int | None = None, *, in_channels: int, model_channels: int,
                  hint_channels: int, num_res_blocks: int | Sequence[int], attention_resolutions: Sequence[int],
-                 use_fp16: bool = False, use_bf16: bool = False, num_classes: int | None = None,
+                 use_fp16: bool = False, use_bf16: bool = False,
                  use_new_attention_order: bool = False, spatial_transformer_attn_type: str | None = None,
                  hint_block_widths: Sequence[int] = (16, 32, 96, 256), hint_downsample: int = 8,
                  **spec_params: Any) -> None:
         super().__init__()
-        if num_classes is not None:
-            raise InputError("class-conditional ControlNets are not supported")
         self.spec = UNetEncoderSpec.from_params(in_channels=in_channels, model_channels=model_channels,
                                                 num_res_blocks=num_res_blocks,
                                                 attention_resolutions=attention_resolutions, **spec_params)
@@ -69,6 +75,7 @@ class ControlNet(nn.Module):
         self.hint_channels, self.hint_block_widths, self.hint_downsample = hint_channels, tuple(hint_block_widths), \
             hint_downsample
         self.time_embed = self.spec.time_embedding()
+        self.label_emb = self.spec.vector_embedding()
         self.input_hint_block = self._hint_block(hint_channels, model_channels, self.spec.dims,
                                                  hint_block_widths, hint_downsample)
         self.input_blocks, self.middle_block, skip_channels = self.spec.build_encoder()
@@ -102,8 +109,8 @@ class ControlNet(nn.Module):
         return len(self.zero_convs) + 1
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor | None, **kwargs: Any) -> list[torch.Tensor]:
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+                context: torch.Tensor | None, y: torch.Tensor | None = None, **kwargs: Any) -> list[torch.Tensor]:
+        emb = self.embed(timesteps, y, x.dtype)
         guided_hint = self.input_hint_block(hint, emb, context)
         residuals = []
         h = x
@@ -227,6 +234,8 @@ class ControlLDM(LatentDiffusion):
         if bs is not None:
             control = control[:bs]
         control = control.to(self.device).permute(0, 3, 1, 2).contiguous().float()
+        if isinstance(c, Mapping):  # SDXL: the vector conditioning travels as `y`
+            return x, dict(c_crossattn=[c["crossattn"]], c_concat=[control], y=[c["vector"]])
         return x, dict(c_crossattn=[c], c_concat=[control])
 
     def extra_losses(self, x_start: torch.Tensor, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, Any],
@@ -265,11 +274,11 @@ class ControlLDM(LatentDiffusion):
         self.materialize()  # before `self.control_model` is read: a deferred build replaces it
         hints = cond.get("c_concat")
         controls = [] if hints is None else [Control(self.control_model, torch.cat(hints, 1))]
-        return self.controlled_unet(controls)(x_noisy, t, torch.cat(cond["c_crossattn"], 1))
+        return self.controlled_unet(controls)(x_noisy, t, cat_conditions(cond["c_crossattn"], cond.get("y")))
 
     @torch.no_grad()
-    def sample_latents(self, noise: torch.Tensor, context: torch.Tensor, controls: Sequence[Control] = (),
-                       uncond_context: torch.Tensor | None = None, guidance_scale: float = 1.0, *,
+    def sample_latents(self, noise: torch.Tensor, context: Context, controls: Sequence[Control] = (),
+                       uncond_context: Context | None = None, guidance_scale: float = 1.0, *,
                        sampler: str = "ddim", steps: int = 20, eta: float = 0.0,
                        generator: torch.Generator | None = None, batched_guidance: bool = True,
                        callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
@@ -285,8 +294,10 @@ class ControlLDM(LatentDiffusion):
                                generator=generator, callback=callback, progress=progress)
 
     @torch.no_grad()
-    def get_unconditional_conditioning(self, n: int) -> torch.Tensor:
-        return self.get_learned_conditioning([""] * n)
+    def get_unconditional_conditioning(self, n: int, sizes: Mapping[str, torch.Tensor] | None = None) -> Context:
+        """The empty prompt's context: "" encoded (SD1.x/2.x), or zero text with the size embeddings (SDXL, as sgm
+        and diffusers sample it)."""
+        return self.get_learned_conditioning([""] * n, sizes, zero_text=self.has_conditioner)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], N: int = 4, n_row: int = 2, sample: bool = True,
@@ -298,7 +309,7 @@ class ControlLDM(LatentDiffusion):
         memory that logging adds on top of training. The unconditional half keeps the hint, as the original's.
         """
         z, c = self.get_input(batch, self.first_stage_key, bs=N)
-        hint, text = c["c_concat"][0], c["c_crossattn"][0]
+        hint, text = c["c_concat"][0], cat_conditions(c["c_crossattn"], c.get("y"))
         n = z.shape[0]
         log = {
             "reconstruction": self.decode_first_stage(z),
@@ -308,14 +319,16 @@ class ControlLDM(LatentDiffusion):
         }
         if sample:
             chunk = sample_batch_size or n
-            uncond_text = self.get_unconditional_conditioning(n)
+            sizes = default_sizes(n, *batch[self.first_stage_key].shape[1:3]) if self.has_conditioner else None
+            uncond_text = self.get_unconditional_conditioning(n, sizes)
             samples = []
             for start in range(0, n, chunk):
                 part = slice(start, start + chunk)
                 noise = torch.randn((hint[part].shape[0], *z.shape[1:]), device=z.device)
-                latents = self.sample_latents(noise, text[part], [Control(self.control_model, hint[part])],
-                                              uncond_text[part], unconditional_guidance_scale, steps=ddim_steps,
-                                              eta=ddim_eta)
+                latents = self.sample_latents(noise, rows_of(text, part),
+                                              [Control(self.control_model, hint[part])],
+                                              rows_of(uncond_text, part),
+                                              unconditional_guidance_scale, steps=ddim_steps, eta=ddim_eta)
                 samples.append(self.decode_first_stage(latents))
             log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = torch.cat(samples)
         return log

@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import torch
 
+from ldm.models.diffusion.conditioning import Context, map_context, rows_of, unet_inputs
 from ldm.models.diffusion.guidance import Rows
 from ldm.modules.diffusionmodules.util import as_input_for
 
@@ -47,9 +48,9 @@ CONTROL_MODES: tuple[str, ...] = ("balanced", "prompt", "controlnet")
 #: Residual i of n in guess mode is scaled by GUESS_MODE_DECAY ** (n - 1 - i): coarse features count most.
 GUESS_MODE_DECAY = 0.825
 
-#: `unet(x, timesteps=t, context=c, control=residuals_or_None) -> model output`.
+#: `unet(x, timesteps=t, context=c, y=vector_or_None, control=residuals_or_None) -> model output`.
 UNet = Callable[..., torch.Tensor]
-#: `control_net(x=x, hint=h, timesteps=t, context=c) -> list of residuals`.
+#: `control_net(x=x, hint=h, timesteps=t, context=c, y=vector_or_None) -> list of residuals`.
 ControlNetModule = Callable[..., list[torch.Tensor]]
 
 
@@ -97,7 +98,7 @@ class Control:
             return guess_mode_scales(n, self.weight)
         return [float(self.weight)] * n
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: Context,
                   conditional: Rows = True) -> list[torch.Tensor] | None:
         """Scaled residuals for the whole batch, or None when this control adds nothing to it.
 
@@ -109,16 +110,18 @@ class Control:
             rows = True
         if rows is False or (isinstance(rows, torch.Tensor) and not bool(rows.any())):
             return None
-        x, context = as_input_for(self.net, x), as_input_for(self.net, context)
+        x, context = as_input_for(self.net, x), map_context(context, lambda c: as_input_for(self.net, c))
         hint = _tile(as_input_for(self.net, self.hint.to(device=x.device, dtype=x.dtype)), x.shape[0])
-        picked = (x, hint, t, context) if rows is True else (x[rows], hint[rows], t[rows], context[rows])
-        raw = self.net(x=picked[0], hint=picked[1], timesteps=picked[2], context=picked[3])
+        if rows is not True:
+            x, hint, t, context = x[rows], hint[rows], t[rows], rows_of(context, rows)
+        crossattn, vector = unet_inputs(context)
+        raw = self.net(x=x, hint=hint, timesteps=t, context=crossattn, **({} if vector is None else {"y": vector}))
         scaled = [r * s for r, s in zip(raw, self.scales(len(raw)))]
         if rows is True:
             return scaled
         full = []
         for r in scaled:
-            padded = r.new_zeros((x.shape[0], *r.shape[1:]))
+            padded = r.new_zeros((rows.shape[0], *r.shape[1:]))
             padded[rows] = r
             full.append(padded)
         return full
@@ -157,7 +160,7 @@ class UNetWithControls:
                                 else tuple(residual_scales))
         self.autocast = autocast
 
-    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: Rows = True,
+    def residuals(self, x: torch.Tensor, t: torch.Tensor, context: Context, conditional: Rows = True,
                   progress: float = 0.0) -> list[torch.Tensor] | None:
         total: list[torch.Tensor] | None = None
         for control in self.controls:
@@ -171,11 +174,13 @@ class UNetWithControls:
             total = [r * s for r, s in zip(total, self.residual_scales)]
         return total
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, conditional: Rows = True,
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: Context, conditional: Rows = True,
                  progress: float = 0.0) -> torch.Tensor:
         with self.autocast():
             control = self.residuals(x, t, context, conditional, progress)
             extra: dict[str, Any] = {"only_mid_control": True} if self.only_mid_control and control else {}
-            out = self.unet(as_input_for(self.unet, x), timesteps=t, context=as_input_for(self.unet, context),
-                            control=control, **extra)
+            crossattn, vector = unet_inputs(map_context(context, lambda c: as_input_for(self.unet, c)))
+            if vector is not None:
+                extra["y"] = vector
+            out = self.unet(as_input_for(self.unet, x), timesteps=t, context=crossattn, control=control, **extra)
         return out.to(x.dtype)

@@ -77,6 +77,8 @@ class EncoderLayout:
         """The rows the UNet encoder and the ControlNet share: time and vector embeddings, input and middle blocks."""
         table: PrefixTable = [
             ("time_embed.0.", "time_embedding.linear_1.", {}), ("time_embed.2.", "time_embedding.linear_2.", {}),
+            # SDXL's vector embedding (diffusers' "text_time" addition embedding)
+            ("label_emb.0.0.", "add_embedding.linear_1.", {}), ("label_emb.0.2.", "add_embedding.linear_2.", {}),
             ("input_blocks.0.0.", "conv_in.", {}),
             ("middle_block.0.", "mid_block.resnets.0.", RESNET_NAMES),
             ("middle_block.1.", "mid_block.attentions.0.", {}),
@@ -146,9 +148,11 @@ def from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {names[k]: v for k, v in state.items()}
 
 
-def diffusers_config(net: nn.Module) -> dict[str, Any]:
+def diffusers_config(net: nn.Module, addition_time_embed_dim: int | None = None) -> dict[str, Any]:
     """The `config.json` of diffusers' `ControlNetModel` that has the architecture of our ControlNet `net`.
 
+    An SDXL ControlNet (one with `label_emb`) also needs `addition_time_embed_dim`: the width of each size number's
+    embedding in its vector y (256 for SDXL), which the model's conditioner knows and the ControlNet does not.
     Refuses what diffusers' ControlNet cannot express (a pixel-space hint block, scale-shift norms, ...).
     """
     spec = net.spec
@@ -160,6 +164,9 @@ def diffusers_config(net: nn.Module) -> dict[str, Any]:
     refused = [name for name, present in unsupported.items() if present]
     if refused:
         raise InputError(f"this ControlNet has no diffusers equivalent ({', '.join(refused)})")
+    if spec.adm_in_channels is not None and addition_time_embed_dim is None:
+        raise InputError("an SDXL ControlNet's diffusers config needs the size embedding width "
+                         "(addition_time_embed_dim, the conditioner's ConcatTimestepEmbedderND outdim)")
     channels = [spec.model_channels * mult for mult in spec.channel_mult]
     attention = [2**level in spec.attention_resolutions for level in range(len(channels))]
     heads = [spec.heads_for(ch)[0] for ch in channels]
@@ -177,9 +184,13 @@ def diffusers_config(net: nn.Module) -> dict[str, Any]:
         "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-5, "norm_num_groups": 32,
         "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
         "projection_class_embeddings_input_dim": None, "resnet_time_scale_shift": "default",
-        "transformer_layers_per_block": spec.transformer_depth, "upcast_attention": False,
+        "transformer_layers_per_block": spec.transformer_depth if isinstance(spec.transformer_depth, int)
+        else list(spec.depth_per_level), "upcast_attention": False,
         "use_linear_projection": spec.use_linear_in_transformer,
     }
+    if spec.adm_in_channels is not None:
+        config.update({"addition_embed_type": "text_time", "addition_time_embed_dim": addition_time_embed_dim,
+                       "projection_class_embeddings_input_dim": spec.adm_in_channels})
     return config
 
 

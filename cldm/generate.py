@@ -44,6 +44,7 @@ RECORD_VERSION = 1
 RUN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "", "width": 512, "height": 512, "steps": 20, "cfg_scale": DEFAULT_CFG_SCALE,
     "seed": 0, "sampler": "ddim", "eta": 0.0, "batch_size": 1, "low_vram": False,
+    "original_size": None, "crop_top_left": None, "target_size": None,
 }
 UNIT_FLAGS = ("image", "preprocessor", "threshold_a", "threshold_b", "annotator_resolution", "pixel_perfect",
               "invert", "rgb_to_bgr", "resize_mode", "weight", "guidance_start", "guidance_end", "control_mode",
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eta", type=float, help="DDIM noise; DPM++ 2M ignores it")
     run.add_argument("--batch_size", type=int)
     run.add_argument("--low_vram", action=flag, help="keep only the part in use on the accelerator")
+    run.add_argument("--original_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                     help="SDXL: the size the image is conditioned as coming from (default: the output size)")
+    run.add_argument("--crop", dest="crop_top_left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                     help="SDXL: the crop offset it is conditioned on (default 0 0)")
+    run.add_argument("--target_size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                     help="SDXL: the target size it is conditioned on (default: the output size)")
     unit = p.add_argument_group("control unit (one; use --units for several)")
     unit.add_argument("--image", help="control image file")
     unit.add_argument("--preprocessor", help=f"one of: {', '.join(PREPROCESSORS)}")

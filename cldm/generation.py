@@ -51,7 +51,9 @@ from cldm.control_image import (
 )
 from cldm.model import create_model
 from ldm.errors import InputError, MissingFileError
+from ldm.models.diffusion.conditioning import map_context
 from ldm.models.diffusion.sampling import SAMPLERS
+from ldm.modules.encoders.conditioner import SIZE_KEYS
 from ldm.util import instantiate_from_config
 
 #: The original ControlNet gradio demos' guidance scale, which the released models were shown with
@@ -63,6 +65,8 @@ NEAREST_RESIZE_PREPROCESSORS = frozenset({"seg", "scribble"})
 #: Hex digits of the sha256s a settings record carries for each file: enough to tell which file made an image.
 RECORD_HASH_LENGTH = 12
 
+#: The pipeline's arguments for SDXL's size conditionings (in `SIZE_KEYS` order), as its settings record names them.
+SIZE_ARGUMENTS = ("original_size", "crop_top_left", "target_size")
 #: Keys that `ControlUnit.settings()` and the pipeline add to a unit's record, ignored when reading one back.
 RECORD_ONLY_KEYS = frozenset({"image_sha256", "model_name"})
 
@@ -271,7 +275,7 @@ class ControlNetPipeline:
 
     # ----- placement --------------------------------------------------------------------------------------
     def _text_parts(self) -> list[nn.Module]:
-        return [self.model.cond_stage_model]
+        return [self.model.text_encoder]
 
     def _denoise_parts(self) -> list[nn.Module]:
         return [self.model.model, *self.controls]
@@ -319,6 +323,21 @@ class ControlNetPipeline:
         return prepare_control_map(load_image(unit.image), unit, self.preprocessor(unit.preprocessor), width, height)
 
     # ----- generation -------------------------------------------------------------------------------------
+    def _sizes(self, batch: int, output: tuple[int, int], original: Sequence[int] | None,
+               crop_top_left: Sequence[int] | None, target: Sequence[int] | None) -> dict[str, torch.Tensor] | None:
+        """SDXL's size conditionings for the batch (None for SD1.x/2.x, which refuse them when set)."""
+        if not self.model.has_conditioner:
+            if original is not None or target is not None or crop_top_left is not None:
+                raise InputError("original_size, crop and target_size are SDXL's micro-conditioning; this model "
+                                 "is not SDXL")
+            return None
+        rows = {"original_size_as_tuple": original or output, "crop_coords_top_left": crop_top_left or (0, 0),
+                "target_size_as_tuple": target or output}
+        for name, pair in rows.items():
+            if len(pair) != 2 or any(int(v) < 0 for v in pair):
+                raise InputError(f"{name} must be two non-negative numbers, got {pair}")
+        return {name: torch.tensor([[float(v) for v in pair]]).repeat(batch, 1) for name, pair in rows.items()}
+
     def latent_factor(self) -> int:
         """Pixels per latent cell: the VAE's downsampling (8 for SD and the tiny config)."""
         return 2 ** (self.model.first_stage_model.encoder.num_resolutions - 1)
@@ -350,24 +369,34 @@ class ControlNetPipeline:
     def __call__(self, prompt: str, units: Sequence[ControlUnit] = (), negative_prompt: str = "",
                  width: int = 512, height: int = 512, steps: int = 20, cfg_scale: float = DEFAULT_CFG_SCALE,
                  seed: int = 0, sampler: str = "ddim", eta: float = 0.0, batch_size: int = 1,
-                 low_vram: bool = False, progress: bool = True) -> GenerationResult:
+                 low_vram: bool = False, progress: bool = True, original_size: tuple[int, int] | None = None,
+                 crop_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None
+                 ) -> GenerationResult:
         """Generate `batch_size` images of `width x height` for `prompt`, steered by `units`.
 
         `eta` is DDIM's noise (0: deterministic); DPM++ 2M is deterministic and ignores it. The initial
         noise comes from a CPU generator seeded with `seed`, so it is the same on every device.
+
+        SDXL's micro-conditioning: `original_size` and `target_size` as (height, width), default the output's
+        size, and `crop_top_left` as (top, left), default (0, 0), as diffusers' defaults. An empty negative prompt
+        is SDXL's zero text embedding (sgm's and diffusers' `force_zeros_for_empty_prompt`); SD1.x/2.x encode "".
         """
         self._check_request(width, height, steps, sampler, batch_size)
         indices = [self.control_index(unit.model) for unit in units]
         maps = [self.control_map(unit, width, height) for unit in units]
         model = self.model
 
+        sizes = self._sizes(batch_size, (height, width), original_size, crop_top_left, target_size)
         self._place(self._text_parts(), low_vram)
-        cond = model.get_learned_conditioning([prompt] * batch_size)
-        uncond = model.get_learned_conditioning([negative_prompt] * batch_size) if cfg_scale != 1.0 else None
+        cond = model.get_learned_conditioning([prompt] * batch_size, sizes)
+        uncond = None
+        if cfg_scale != 1.0:
+            uncond = (model.get_unconditional_conditioning(batch_size, sizes) if not negative_prompt
+                      else model.get_learned_conditioning([negative_prompt] * batch_size, sizes))
 
         self._place(self._denoise_parts(), low_vram)
-        cond = cond.to(self.device)
-        uncond = None if uncond is None else uncond.to(self.device)
+        cond = map_context(cond, lambda t: t.to(self.device))
+        uncond = None if uncond is None else map_context(uncond, lambda t: t.to(self.device))
         controls = [
             Control(self.controls[k], hint_tensor(control_map).to(self.device), unit.weight, unit.guidance_start,
                     unit.guidance_end, unit.control_mode, unit.guess_mode)
@@ -387,6 +416,8 @@ class ControlNetPipeline:
             "prompt": prompt, "negative_prompt": negative_prompt, "width": width, "height": height,
             "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "sampler": sampler, "eta": eta,
             "batch_size": batch_size, "low_vram": low_vram,
+            **({} if sizes is None else {name: [int(v) for v in sizes[key][0].tolist()]
+                                         for name, key in zip(SIZE_ARGUMENTS, SIZE_KEYS)}),
             "units": [{**unit.settings(), "model_name": self.control_names[k]} for unit, k in zip(units, indices)],
             "models": self.sources,
         }

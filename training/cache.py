@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ldm.errors import UserError
+from ldm.errors import InputError, UserError
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from training.dataset import PairedDataset
 
@@ -180,6 +180,9 @@ def build_cache(model: Any, dataset: PairedDataset, cache_dir: str | os.PathLike
     embeddings of prompts not seen before, `shard_size` items per shard. `dataset` is a PairedDataset
     (its `prompt(i)`, after prompt dropout, names the embedding an item uses).
     """
+    if getattr(model, "has_conditioner", False):
+        raise InputError("--cache does not support SDXL yet (its conditioning depends on each item's size too): "
+                         "train without --cache")
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -57,6 +57,8 @@ class AutoencoderKL(nn.Module):
         self.image_key = image_key
         self.monitor = monitor
         self.embed_dim = embed_dim
+        #: Pixels per latent pixel: one halving per level but the last (8 for SD's four levels).
+        self.downsampling_factor = 2 ** (len(ddconfig.get("ch_mult", (1, 2, 4, 4))) - 1)
         z_channels = int(ddconfig["z_channels"])
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
@@ -93,6 +95,7 @@ class IdentityFirstStage(nn.Module):
         super().__init__()
         del args, kwargs
         self.vq_interface = vq_interface
+        self.downsampling_factor = 1
 
     def encode(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return x

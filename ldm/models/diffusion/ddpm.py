@@ -30,6 +30,7 @@ from torch import nn
 
 from ldm.errors import InputError, TrainingDiverged
 from ldm.models.deferred import DeferredParts, build_deferred, first_parameter
+from ldm.models.diffusion.conditioning import Context, cat_conditions, map_context, unet_inputs
 from ldm.models.diffusion.loss import DiffusionLoss, TrainingRecipe
 from ldm.models.diffusion.schedule import (
     PARAMETERIZATIONS,
@@ -42,7 +43,11 @@ from ldm.models.diffusion.schedule import (
 from ldm.models.frozen_weights import FrozenWeights
 from ldm.modules.diffusionmodules.util import as_input_for, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.modules.encoders.conditioner import SIZE_KEYS, default_sizes
 from ldm.util import instantiate_from_config
+
+#: Buffers other code saves that this model derives itself: sgm's `denoiser.sigmas` (from the same schedule).
+IGNORED_KEYS = frozenset({"denoiser.sigmas"})
 
 __all__ = ["SCHEDULE_BUFFERS", "BatchEncoder", "DiffusionWrapper", "LatentDiffusion", "as_input_for", "encode_batch"]
 
@@ -70,13 +75,18 @@ class BatchEncoder(Protocol):
 
 
 def encode_batch(model: LatentDiffusion, batch: Mapping[str, Any], key: str, bs: int | None
-                 ) -> tuple[Any, torch.Tensor]:
-    """Run the VAE encoder on `batch[key]` (NHWC in [-1, 1]) and the text encoder on the batch's prompts."""
+                 ) -> tuple[Any, Context]:
+    """Run the VAE encoder on `batch[key]` (NHWC in [-1, 1]) and the text encoder on the batch's prompts (SDXL's
+    conditioner also on the items' size conditionings: the batch's own, else each image's size uncropped)."""
     images, prompts = batch[key], batch[model.cond_stage_key]
     if bs is not None:
         images, prompts = images[:bs], prompts[:bs]
     x = images.to(model.device).permute(0, 3, 1, 2).contiguous().float()
-    return model.encode_first_stage(x), model.get_learned_conditioning(list(prompts))
+    sizes = None
+    if model.has_conditioner:
+        sizes = {k: batch[k][: len(prompts)] for k in SIZE_KEYS if k in batch} or \
+            default_sizes(len(prompts), x.shape[2], x.shape[3])
+    return model.encode_first_stage(x), model.get_learned_conditioning(list(prompts), sizes)
 
 
 class LatentDiffusion(pl.LightningModule):
@@ -87,8 +97,9 @@ class LatentDiffusion(pl.LightningModule):
     YAMLs load unchanged.
     """
 
-    def __init__(self, unet_config: Any, first_stage_config: Any, cond_stage_config: Any, *,
-                 timesteps: int = 1000, beta_schedule: str = "linear", loss_type: str = "l2",
+    def __init__(self, unet_config: Any, first_stage_config: Any, cond_stage_config: Any = None, *,
+                 conditioner_config: Any = None, schedule_in_checkpoint: bool = True, timesteps: int = 1000,
+                 beta_schedule: str = "linear", loss_type: str = "l2",
                  linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
                  given_betas: Any = None, v_posterior: float = 0.0, l_simple_weight: float = 1.0,
                  original_elbo_weight: float = 0.0, parameterization: str = "eps",
@@ -120,18 +131,26 @@ class LatentDiffusion(pl.LightningModule):
         self.channels = channels
         self.scale_factor = scale_factor
         self.use_ema = False  # read by the original's scripts
+        if (cond_stage_config is None) == (conditioner_config is None):
+            raise InputError("the model needs either cond_stage_config (SD1.x/2.x's text encoder) or "
+                             "conditioner_config (SDXL's conditioner), not both")
         self.model = DiffusionWrapper(unet_config, conditioning_key)
         self.first_stage_model = _frozen(instantiate_from_config(first_stage_config))
-        self.cond_stage_model = _frozen(instantiate_from_config(cond_stage_config))
+        #: The text part's name in the checkpoint: SD1.x/2.x's `cond_stage_model`, or SDXL's `conditioner`.
+        self.text_part = "cond_stage_model" if conditioner_config is None else "conditioner"
+        text_config = cond_stage_config if conditioner_config is None else conditioner_config
+        self.add_module(self.text_part, _frozen(instantiate_from_config(text_config)))
         #: The config of each part, so that a part left uninitialised by a deferred build can be rebuilt.
         self.deferred = DeferredParts({"model.diffusion_model": unet_config, "first_stage_model": first_stage_config,
-                                       "cond_stage_model": cond_stage_config})
+                                       self.text_part: text_config})
         self.frozen_weights = FrozenWeights()
         #: Where the VAE encoder and the text encoder stay while fitting (None: with the model). Training from
         #: a cache sets "cpu": they then only encode the odd prompt for image logging and need no GPU memory.
         self.encoders_device: str | None = None
         #: Where a batch's latents and text conditioning come from (see the module docstring).
         self.batch_encoder: BatchEncoder = encode_batch
+        #: SD1.x/2.x checkpoints carry the schedule buffers; SDXL's carry none (sgm saves `denoiser.sigmas`).
+        self.schedule_in_checkpoint = schedule_in_checkpoint
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
                                v_posterior)
 
@@ -163,7 +182,8 @@ class LatentDiffusion(pl.LightningModule):
         self.num_timesteps = len(values["betas"])
         self.linear_start, self.linear_end = linear_start, linear_end
         for name in SCHEDULE_BUFFERS:
-            self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device="cpu"))
+            self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device="cpu"),
+                                 persistent=getattr(self, "schedule_in_checkpoint", True))
         weights = lvlb_weights(values, self.parameterization)
         self.register_buffer("lvlb_weights", torch.tensor(weights, dtype=torch.float32, device="cpu"),
                              persistent=False)
@@ -193,8 +213,18 @@ class LatentDiffusion(pl.LightningModule):
         """Switch the trainable parts only; the VAE and the text encoder always stay in eval mode."""
         super().train(mode)
         self.first_stage_model.eval()
-        self.cond_stage_model.eval()
+        self.text_encoder.eval()
         return self
+
+    @property
+    def text_encoder(self) -> nn.Module:
+        """The text part: SD1.x/2.x's `cond_stage_model` or SDXL's `conditioner`."""
+        return getattr(self, self.text_part)
+
+    @property
+    def has_conditioner(self) -> bool:
+        """Whether the text part is SDXL's conditioner (context and vector, from prompts and sizes)."""
+        return self.text_part == "conditioner"
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor) -> Any:
@@ -226,13 +256,27 @@ class LatentDiffusion(pl.LightningModule):
         with self.frozen_autocast():
             return self.first_stage_model.decode(as_input_for(self.first_stage_model, z / self.scale_factor)).float()
 
-    def get_learned_conditioning(self, c: list[str]) -> torch.Tensor:
+    def get_learned_conditioning(self, c: list[str], sizes: Mapping[str, torch.Tensor] | None = None,
+                                 zero_text: bool = False) -> Context:
+        """The prompts' context (SDXL: `{"crossattn", "vector"}`, with `sizes` the items' size conditionings, by
+        default `default_sizes` of the model's image size; `zero_text`: zeros for the text parts, SDXL's
+        unconditional)."""
         self.materialize()
-        encoder = self.cond_stage_model
+        encoder = self.text_encoder
         with self.frozen_autocast(_device_of(encoder, self.device).type):
-            out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
+            if self.has_conditioner:
+                size = self.image_size * self.latent_factor
+                out = encoder({"txt": c, **(sizes if sizes is not None else default_sizes(len(c), size, size))},
+                              force_zero_embeddings=("txt",) if zero_text else ())
+            else:
+                out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
         out = out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
-        return out.to(self.device, torch.float32)
+        return map_context(out, lambda t: t.to(self.device, torch.float32))
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel: the VAE's downsampling (8 for SD's KL-f8)."""
+        return int(getattr(self.first_stage_model, "downsampling_factor", 8))
 
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None, **kwargs: Any
@@ -245,10 +289,12 @@ class LatentDiffusion(pl.LightningModule):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, *args: Any, **kwargs: Any
                     ) -> torch.Tensor:
         self.materialize()
-        context = torch.cat(cond["c_crossattn"], 1) if isinstance(cond, Mapping) else cond
+        is_dict = isinstance(cond, Mapping) and "c_crossattn" in cond
+        context = cat_conditions(cond["c_crossattn"], cond.get("y")) if is_dict else cond
         unet = self.model.diffusion_model
+        crossattn, vector = unet_inputs(map_context(context, lambda c: as_input_for(unet, c)))
         with self.frozen_autocast():
-            return unet(as_input_for(unet, x_noisy), t, context=as_input_for(unet, context)).to(x_noisy.dtype)
+            return unet(as_input_for(unet, x_noisy), t, context=crossattn, y=vector).to(x_noisy.dtype)
 
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-element loss (not reduced)."""
@@ -332,7 +378,7 @@ class LatentDiffusion(pl.LightningModule):
         """Move the text encoder and the VAE's encoding half (not its decoder, which image logging needs at
         speed) to `device`; encoding then runs there and its results come back to the model's device."""
         vae = self.first_stage_model
-        for part in (self.cond_stage_model, getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)):
+        for part in (self.text_encoder, getattr(vae, "encoder", None), getattr(vae, "quant_conv", None)):
             if part is not None:
                 part.to(device)
 
@@ -361,7 +407,7 @@ class LatentDiffusion(pl.LightningModule):
     def freeze_parts(self) -> None:
         """The VAE and the text encoder never train."""
         _frozen(self.first_stage_model)
-        _frozen(self.cond_stage_model)
+        _frozen(self.text_encoder)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> Any:
         """The weights, frozen ones at full precision even while held in `frozen_dtype`."""
@@ -371,7 +417,7 @@ class LatentDiffusion(pl.LightningModule):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load a checkpoint's weights; EMA copies (`model_ema.*`) that released checkpoints may carry are dropped,
         since this model keeps none. A misfit raises torch's `RuntimeError` (ControlLDM explains it in one line)."""
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.") and k not in IGNORED_KEYS}
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.deferred.loaded(state_dict.keys())
         self.materialize()

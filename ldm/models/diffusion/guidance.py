@@ -2,8 +2,8 @@
 
 A *conditioned network* is called as `network(x, t, cond, conditional=..., progress=...)`:
 
-- `cond` is whatever the network is conditioned on: a text context tensor, or the original's condition dict
-  (`{'c_crossattn': [context], 'c_concat': [hint]}`);
+- `cond` is whatever the network is conditioned on: a text context (a tensor, or SDXL's `{"crossattn", "vector"}`,
+  see `conditioning.py`), or the original's condition dict (`{'c_crossattn': [context], 'c_concat': [hint]}`);
 - `conditional` says which rows carry the prompt: `True` (all), `False` (none: the unconditional half) or a
   bool tensor per row when both halves share one batch. A network may ignore it; a ControlNet whose unit
   steers the conditional half only (guess mode, "ControlNet is more important") reads it;
@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+
+from ldm.models.diffusion.conditioning import concat_contexts
 
 #: `network(x, t, cond, conditional=bool | bool tensor, progress=float) -> model output`.
 ConditionedNetwork = Callable[..., torch.Tensor]
@@ -36,12 +38,20 @@ def _concat_tensors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([a, b]) if a.shape[1:] == b.shape[1:] else None
 
 
+def _is_condition_dict(cond: Any) -> bool:
+    """The original's `{'c_crossattn': [...], 'c_concat': [...] or None}` (lists), not an SDXL context (tensors)."""
+    return isinstance(cond, Mapping) and all(v is None or isinstance(v, (list, tuple)) for v in cond.values())
+
+
 def concat_conditions(first: Any, second: Any) -> Any:
-    """Stack two conditions along the batch (tensors, or dicts of tensor lists), or None when they cannot share one
-    forward pass."""
-    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
-        return _concat_tensors(first, second)
-    if not (isinstance(first, Mapping) and isinstance(second, Mapping)) or first.keys() != second.keys():
+    """Stack two conditions along the batch (contexts of either shape, or dicts of tensor lists), or None when they
+    cannot share one forward pass."""
+    if _is_condition_dict(first) != _is_condition_dict(second):
+        return None
+    if not _is_condition_dict(first):
+        contexts = all(isinstance(c, (torch.Tensor, Mapping)) for c in (first, second))
+        return concat_contexts(first, second) if contexts else None
+    if first.keys() != second.keys():
         return None
     merged: dict[str, Any] = {}
     for key, a in first.items():

@@ -3,6 +3,10 @@
 The ControlNet is "a trainable copy of the encoder": instead of repeating the UNet's constructor,
 `UNetEncoderSpec.build_encoder` makes the time embedding, the input blocks and the middle block, and
 both networks call it. Parameter names match the released checkpoints.
+
+SDXL is the same builder with what sgm's UNet adds: a transformer depth per level (the middle block takes the
+last), and a vector conditioning `y` (pooled text and size embeddings) that `label_emb` turns into a second
+timestep-like embedding (`num_classes: sequential`, `adm_in_channels` wide). Both networks take `y=` as sgm's do.
 """
 
 from __future__ import annotations
@@ -151,8 +155,11 @@ class ResBlock(TimestepBlock):
 class UNetEncoderSpec:
     """The hyper-parameters the UNet and the ControlNet share, as the original YAMLs name them.
 
-    `num_heads=-1` with `num_head_channels=64` is SD2.x (heads follow the width); SD1.x fixes
-    `num_heads=8`. `legacy=True` reproduces the old LDM head-size rule.
+    `num_heads=-1` with `num_head_channels=64` is SD2.x and SDXL (heads follow the width); SD1.x fixes
+    `num_heads=8`. `legacy=True` reproduces the old LDM head-size rule. `use_spatial_transformer` unset means
+    what sgm's UNet always does (a spatial transformer at each attention level); only False is refused.
+    `transformer_depth` is one depth or one per level, and the middle block takes the last, as in sgm.
+    `num_classes: sequential` with `adm_in_channels` adds SDXL's `label_emb` for the vector conditioning.
     """
 
     in_channels: int
@@ -168,15 +175,19 @@ class UNetEncoderSpec:
     num_head_channels: int = -1
     use_scale_shift_norm: bool = False
     resblock_updown: bool = False
-    use_spatial_transformer: bool = False
-    transformer_depth: int = 1
+    use_spatial_transformer: bool | None = None
+    transformer_depth: int | Sequence[int] = 1
     context_dim: int | None = None
     disable_self_attentions: Sequence[bool] | None = None
     num_attention_blocks: Sequence[int] | None = None
     disable_middle_self_attn: bool = False
+    disable_middle_transformer: bool = False
     use_linear_in_transformer: bool = False
     legacy: bool = True
+    num_classes: str | None = None
+    adm_in_channels: int | None = None
     res_blocks_per_level: list[int] = field(init=False)
+    depth_per_level: list[int] = field(init=False)
 
     @classmethod
     def from_params(cls, **params: Any) -> UNetEncoderSpec:
@@ -190,18 +201,27 @@ class UNetEncoderSpec:
     def __post_init__(self) -> None:
         if self.num_heads == -1 and self.num_head_channels == -1:
             raise InputError("set either num_heads or num_head_channels")
-        if self.use_spatial_transformer and self.context_dim is None:
-            raise InputError("use_spatial_transformer needs context_dim (the text embedding width)")
-        if not self.use_spatial_transformer:
+        if self.context_dim is None:
+            raise InputError("the UNet needs context_dim (the text embedding width)")
+        if self.use_spatial_transformer is False:
             raise InputError("only the spatial-transformer UNet of Stable Diffusion is supported")
-        if isinstance(self.num_res_blocks, int):
-            self.res_blocks_per_level = [self.num_res_blocks] * len(self.channel_mult)
-        else:
-            if len(self.num_res_blocks) != len(self.channel_mult):
-                raise InputError("num_res_blocks needs one entry per channel_mult level")
-            self.res_blocks_per_level = list(self.num_res_blocks)
+        if self.num_classes not in (None, "sequential"):
+            raise InputError(f"num_classes must be unset or 'sequential' (SDXL's vector conditioning), got "
+                             f"{self.num_classes!r}: class-conditional UNets are not part of Stable Diffusion")
+        if (self.num_classes == "sequential") != (self.adm_in_channels is not None):
+            raise InputError("num_classes: sequential and adm_in_channels (the width of the vector y) go together")
+        self.res_blocks_per_level = self._per_level("num_res_blocks", self.num_res_blocks)
+        self.depth_per_level = self._per_level("transformer_depth", self.transformer_depth)
         if self.context_dim is not None and not isinstance(self.context_dim, int):
             self.context_dim = list(self.context_dim)[0]
+
+    def _per_level(self, name: str, value: int | Sequence[int]) -> list[int]:
+        """One number for every level, or a list with one entry per `channel_mult` level."""
+        if isinstance(value, int):
+            return [value] * len(self.channel_mult)
+        if len(value) != len(self.channel_mult):
+            raise InputError(f"{name} needs one entry per channel_mult level (or one number)")
+        return list(value)
 
     @property
     def time_embed_dim(self) -> int:
@@ -222,11 +242,14 @@ class UNetEncoderSpec:
                         use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm,
                         **kwargs)
 
-    def transformer(self, channels: int, disable_self_attn: bool = False) -> SpatialTransformer:
+    def transformer(self, channels: int, depth: int, disable_self_attn: bool = False) -> SpatialTransformer:
         heads, dim_head = self.heads_for(channels)
-        return SpatialTransformer(channels, heads, dim_head, depth=self.transformer_depth,
+        return SpatialTransformer(channels, heads, dim_head, depth=depth,
                                   context_dim=self.context_dim, disable_self_attn=disable_self_attn,
                                   use_linear=self.use_linear_in_transformer, use_checkpoint=self.use_checkpoint)
+
+    def self_attn_disabled(self, level: int) -> bool:
+        return bool(self.disable_self_attentions[level]) if self.disable_self_attentions else False
 
     def has_attention(self, level: int, index: int, downsample_factor: int) -> bool:
         if downsample_factor not in self.attention_resolutions:
@@ -238,6 +261,15 @@ class UNetEncoderSpec:
             nn.Linear(self.model_channels, self.time_embed_dim), nn.SiLU(),
             nn.Linear(self.time_embed_dim, self.time_embed_dim),
         )
+
+    def vector_embedding(self) -> nn.Sequential | None:
+        """SDXL's `label_emb` (y -> an embedding added to the timestep's), or None for SD1.x/2.x."""
+        if self.adm_in_channels is None:
+            return None
+        return nn.Sequential(nn.Sequential(
+            nn.Linear(self.adm_in_channels, self.time_embed_dim), nn.SiLU(),
+            nn.Linear(self.time_embed_dim, self.time_embed_dim),
+        ))
 
     def build_encoder(self) -> tuple[nn.ModuleList, TimestepEmbedSequential, list[int]]:
         """Input blocks, middle block, and the channel count of every skip connection (in order)."""
@@ -251,8 +283,7 @@ class UNetEncoderSpec:
                 layers: list[nn.Module] = [self.res_block(ch, mult * self.model_channels)]
                 ch = mult * self.model_channels
                 if self.has_attention(level, index, ds):
-                    disabled = bool(self.disable_self_attentions[level]) if self.disable_self_attentions else False
-                    layers.append(self.transformer(ch, disabled))
+                    layers.append(self.transformer(ch, self.depth_per_level[level], self.self_attn_disabled(level)))
                 input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(self.channel_mult) - 1:
@@ -261,9 +292,9 @@ class UNetEncoderSpec:
                 input_blocks.append(TimestepEmbedSequential(down))
                 skip_channels.append(ch)
                 ds *= 2
-        middle_block = TimestepEmbedSequential(
-            self.res_block(ch, ch), self.transformer(ch, self.disable_middle_self_attn), self.res_block(ch, ch)
-        )
+        middle_attention = (nn.Identity() if self.disable_middle_transformer
+                            else self.transformer(ch, self.depth_per_level[-1], self.disable_middle_self_attn))
+        middle_block = TimestepEmbedSequential(self.res_block(ch, ch), middle_attention, self.res_block(ch, ch))
         return input_blocks, middle_block, skip_channels
 
     def build_decoder(self, skip_channels: list[int], out_channels: int) -> tuple[nn.ModuleList, nn.Sequential]:
@@ -277,8 +308,7 @@ class UNetEncoderSpec:
                 layers: list[nn.Module] = [self.res_block(ch + skips.pop(), self.model_channels * mult)]
                 ch = self.model_channels * mult
                 if self.has_attention(level, index, ds):
-                    disabled = bool(self.disable_self_attentions[level]) if self.disable_self_attentions else False
-                    layers.append(self.transformer(ch, disabled))
+                    layers.append(self.transformer(ch, self.depth_per_level[level], self.self_attn_disabled(level)))
                 if level and index == self.res_blocks_per_level[level]:
                     layers.append(self.res_block(ch, ch, up=True) if self.resblock_updown
                                   else Upsample(ch, self.conv_resample, dims=self.dims, out_channels=ch))
@@ -291,20 +321,43 @@ class UNetEncoderSpec:
         return output_blocks, out
 
 
-class UNetModel(nn.Module):
-    """The denoising UNet with cross-attention to the text embedding (Stable Diffusion 1.x/2.x).
+class EmbedsTimesteps(nn.Module):
+    """The embedding every block of a UNet-shaped network takes: the timestep's, plus SDXL's vector `y`.
 
-    The constructor takes the original YAML's `params:`; `image_size` is accepted and unused, as there.
+    Shared by the UNet and the ControlNet (both hold `time_embed` and, for SDXL, `label_emb` from the spec), so the
+    two can never embed a step differently.
+    """
+
+    model_channels: int
+    time_embed: nn.Module
+    label_emb: nn.Module | None
+
+    def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if self.label_emb is None:
+            if y is not None:
+                raise InputError("this network takes no vector conditioning y (that is SDXL's): leave y unset")
+            return emb
+        if y is None:
+            raise InputError("an SDXL network needs the vector conditioning y (pooled text and size embeddings)")
+        return emb + self.label_emb(y.to(dtype))
+
+
+class UNetModel(EmbedsTimesteps):
+    """The denoising UNet with cross-attention to the text embedding (Stable Diffusion 1.x/2.x and SDXL).
+
+    The constructor takes the original YAML's `params:` (or sgm's, for SDXL); `image_size` is accepted and
+    unused, as there.
     """
 
     def __init__(self, image_size: int | None = None, *, in_channels: int, model_channels: int,
                  out_channels: int, num_res_blocks: int | Sequence[int], attention_resolutions: Sequence[int],
-                 num_classes: int | None = None, use_fp16: bool = False, use_bf16: bool = False,
-                 n_embed: int | None = None, use_new_attention_order: bool = False,
-                 spatial_transformer_attn_type: str | None = None, **spec_params) -> None:
+                 use_fp16: bool = False, use_bf16: bool = False, n_embed: int | None = None,
+                 use_new_attention_order: bool = False, spatial_transformer_attn_type: str | None = None,
+                 **spec_params: Any) -> None:
         super().__init__()
-        if num_classes is not None or n_embed is not None:
-            raise InputError("class-conditional and VQ-output UNets are not part of Stable Diffusion")
+        if n_embed is not None:
+            raise InputError("VQ-output UNets are not part of Stable Diffusion")
         self.spec = UNetEncoderSpec.from_params(in_channels=in_channels, model_channels=model_channels,
                                                 num_res_blocks=num_res_blocks,
                                                 attention_resolutions=attention_resolutions, **spec_params)
@@ -312,13 +365,14 @@ class UNetModel(nn.Module):
         self.model_channels = model_channels
         self.out_channels = out_channels
         self.time_embed = self.spec.time_embedding()
+        self.label_emb = self.spec.vector_embedding()
         self.input_blocks, self.middle_block, skip_channels = self.spec.build_encoder()
         self.output_blocks, self.out = self.spec.build_decoder(skip_channels, out_channels)
 
-    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None
-               ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None,
+               y: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Run the encoder and middle block: (middle output, skip features, timestep embedding)."""
-        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(x.dtype))
+        emb = self.embed(timesteps, y, x.dtype)
         skips = []
         h = x
         for block in self.input_blocks:
@@ -333,6 +387,6 @@ class UNetModel(nn.Module):
         return self.out(h)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
-                **kwargs) -> torch.Tensor:
-        h, skips, emb = self.encode(x, timesteps, context)
+                y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        h, skips, emb = self.encode(x, timesteps, context, y)
         return self.decode(h, skips, emb, context)

@@ -1,9 +1,9 @@
 """Frozen text encoders that turn prompts into the cross-attention context of the diffusion UNet.
 
-`FrozenCLIPEmbedder` is SD1.5's CLIP ViT-L/14 text model and `FrozenOpenCLIPEmbedder` SD2.x's OpenCLIP
-ViT-H/14 text tower. Both are built here from scratch, with parameter names that match the original
-checkpoints, so that weights load straight from an SD checkpoint without transformers or open_clip and
-without any network access.
+`FrozenCLIPEmbedder` is SD1.5's CLIP ViT-L/14 text model (and SDXL's first encoder), `FrozenOpenCLIPEmbedder`
+SD2.x's OpenCLIP ViT-H/14 text tower and `FrozenOpenCLIPEmbedder2` SDXL's OpenCLIP ViT-bigG/14 one. All are built
+here from scratch, with parameter names that match the original checkpoints, so that weights load straight from an
+SD checkpoint without transformers or open_clip and without any network access.
 """
 
 from __future__ import annotations
@@ -320,12 +320,21 @@ class _OpenCLIPTextTower(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
-    def encode(self, tokens: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """Run the first `num_blocks` residual blocks, then `ln_final`: `[B, T, width]`."""
+    def run_blocks(self, tokens: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """The output of the first `num_blocks` residual blocks, before `ln_final`: `[B, T, width]`."""
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         for block in self.transformer.resblocks[:num_blocks]:
             x = block(x)
-        return self.ln_final(x)
+        return x
+
+    def encode(self, tokens: torch.Tensor, num_blocks: int) -> torch.Tensor:
+        """Run the first `num_blocks` residual blocks, then `ln_final`: `[B, T, width]`."""
+        return self.ln_final(self.run_blocks(tokens, num_blocks))
+
+    def pooled(self, tokens: torch.Tensor, final_state: torch.Tensor) -> torch.Tensor:
+        """CLIP's text embedding: the end token's final state (the largest id of each row) through the projection."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return final_state[rows, tokens.argmax(dim=-1)] @ self.text_projection
 
 
 class FrozenOpenCLIPEmbedder(_FrozenMixin):
@@ -388,3 +397,32 @@ class FrozenOpenCLIPEmbedder(_FrozenMixin):
 
     def encode(self, text: str | Sequence[str]) -> torch.Tensor:
         return self(text)
+
+
+class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
+    """SDXL's second text encoder: OpenCLIP ViT-bigG/14's text tower, as sgm's embedder of that name runs it.
+
+    Unlike SD2.x's, the context (`layer="penultimate"`: the input of the last block) skips `ln_final`, and the
+    encoder also returns the pooled text embedding (`ln_final` of the last block's output at the end token, times
+    `text_projection`), which SDXL feeds to the UNet's vector conditioning. `encode_tokens` returns
+    `(context, pooled)`; `legacy=True` (SD2.x's behaviour) and `always_return_pooled=False` are refused, as sgm
+    never combines them with SDXL.
+    """
+
+    def __init__(self, arch: str = "ViT-bigG-14", version: str = "laion2b_s39b_b160k", *args: Any,
+                 layer: str = "penultimate", always_return_pooled: bool = True, legacy: bool = False,
+                 width: int = 1280, layers: int = 32, heads: int = 20, embed_dim: int = 1280, **kwargs: Any) -> None:
+        if legacy or not always_return_pooled:
+            raise InputError("FrozenOpenCLIPEmbedder2 is SDXL's encoder: legacy=False and always_return_pooled=True; "
+                             "SD2.x's is FrozenOpenCLIPEmbedder")
+        super().__init__(arch, version, *args, layer=layer, width=width, layers=layers, heads=heads,
+                         embed_dim=embed_dim, **kwargs)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        """(context `[B, T, width]`, pooled `[B, embed_dim]`) from token ids."""
+        tokens = tokens.to(self.device)
+        blocks = len(self.model.transformer.resblocks)
+        penultimate = self.model.run_blocks(tokens, blocks - 1)
+        final = self.model.ln_final(self.model.transformer.resblocks[-1](penultimate))
+        context = penultimate if self.layer == "penultimate" else final
+        return context, self.model.pooled(tokens, final)

@@ -1,0 +1,107 @@
+"""SDXL's conditioner: each embedder's output, assembled into the UNet's cross-attention context and its vector y.
+
+SDXL conditions on more than text. Its UNet cross-attends to both text encoders' states side by side (CLIP ViT-L's
+768 + OpenCLIP bigG's 1280 = 2048 channels) and adds `label_emb(y)` to the timestep embedding, where y is bigG's
+pooled text embedding followed by Fourier embeddings of the image's original size, the crop's top-left offset and
+the target size (1280 + 6 * 256 = 2816). Each embedder reads one key of the batch (`input_key`), as in sgm, so an
+sgm `conditioner_config` works here with the module paths changed: a 3-D output joins the context (along the
+channels), a 2-D output the vector, in the order of `emb_models`. The checkpoint names (`embedders.0.transformer`,
+`embedders.1.model`) follow from that order; the size embedders hold no weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.errors import InputError
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from ldm.util import instantiate_from_config
+
+#: sgm's batch keys for the three size conditionings, each two numbers per image: (height, width), (top, left).
+SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
+
+
+def default_sizes(batch: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    """Size conditionings of images shown whole at their own size: original = target = (height, width), no crop
+    (what sgm and diffusers assume when none are given)."""
+    size = torch.tensor([[float(height), float(width)]]).repeat(batch, 1)
+    return {"original_size_as_tuple": size, "crop_coords_top_left": torch.zeros(batch, 2),
+            "target_size_as_tuple": size.clone()}
+
+
+class ConcatTimestepEmbedderND(nn.Module):
+    """Each of a row's numbers embedded as a timestep is (`cos` then `sin` of `outdim / 2` frequencies), then the
+    row's embeddings side by side: `[B, n] -> [B, n * outdim]`. sgm's name, for config compatibility."""
+
+    def __init__(self, outdim: int) -> None:
+        super().__init__()
+        self.outdim = outdim
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if values.dim() == 1:
+            values = values[:, None]
+        embedded = timestep_embedding(values.reshape(-1).float(), self.outdim)
+        return embedded.reshape(values.shape[0], values.shape[1] * self.outdim)
+
+
+class GeneralConditioner(nn.Module):
+    """Runs every embedder on its batch key: `{"crossattn": [B, T, sum of widths], "vector": [B, sum of widths]}`.
+
+    `emb_models` are sgm's entries: `target`/`params` of the embedder plus `input_key`; `is_trainable` must be
+    false (the embedders are frozen, as SDXL trains them) and `ucg_rate` 0 (prompt dropout is the data's job here,
+    where it drops the text of both encoders at once).
+    """
+
+    def __init__(self, emb_models: Sequence[Mapping[str, Any]]) -> None:
+        super().__init__()
+        self.embedders = nn.ModuleList()
+        self.input_keys: list[str] = []
+        for index, entry in enumerate(emb_models):
+            entry = dict(entry)
+            key = entry.pop("input_key", None)
+            if not isinstance(key, str):
+                raise InputError(f"conditioner embedder {index} needs an input_key (the batch key it reads)")
+            if entry.pop("is_trainable", False):
+                raise InputError(f"conditioner embedder {index}: trainable embedders are not supported "
+                                 f"(set is_trainable: false)")
+            if entry.pop("ucg_rate", 0.0):
+                raise InputError(f"conditioner embedder {index}: ucg_rate is not supported (use the training "
+                                 f"script's prompt dropout)")
+            embedder = instantiate_from_config(entry)
+            if hasattr(embedder, "freeze"):
+                embedder.freeze()
+            else:
+                embedder.requires_grad_(False)
+            self.embedders.append(embedder)
+            self.input_keys.append(key)
+
+    @property
+    def text_embedders(self) -> list[nn.Module]:
+        return [e for e, key in zip(self.embedders, self.input_keys) if key == "txt"]
+
+    def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+        """The conditionings of `batch`; the embedders reading a key in `force_zero_embeddings` give zeros instead
+        (sgm's name: `("txt",)` is SDXL's unconditional text, diffusers' `force_zeros_for_empty_prompt`)."""
+        parts: dict[str, list[torch.Tensor]] = {"crossattn": [], "vector": []}
+        for embedder, key in zip(self.embedders, self.input_keys):
+            if key not in batch:
+                raise InputError(f"the conditioner needs {key!r} for each item (the SDXL size conditionings are "
+                                 f"{', '.join(SIZE_KEYS)})")
+            outputs = embedder(batch[key])
+            for out in outputs if isinstance(outputs, tuple) else (outputs,):
+                if key in force_zero_embeddings:
+                    out = torch.zeros_like(out)
+                if out.dim() == 3:
+                    parts["crossattn"].append(out)
+                elif out.dim() == 2:
+                    parts["vector"].append(out)
+                else:
+                    raise InputError(f"conditioner embedder for {key!r} gave a {out.dim()}-D output; "
+                                     f"expected 3-D (context) or 2-D (vector)")
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        return {name: torch.cat([t.to(device) for t in tensors], dim=-1) for name, tensors in parts.items()
+                if tensors}

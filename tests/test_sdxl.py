@@ -1,0 +1,357 @@
+"""SDXL as a third family on the one path: the real checkpoint's layout, sgm's numbers, control with 10 residuals.
+
+References (../shared/reference/sdxl/, made with sgm itself): the names and shapes of sd_xl_base_1.0 and of an SDXL
+ControlNet in the web UI's layout; a tiny sgm UNet with its outputs; tiny sgm text embedders and conditioner outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT, reference_file, rel_err, run_script, trained_like
+from safetensors.torch import load_file
+
+from cldm.checkpoint import CheckpointMismatchError, family_of
+from cldm.control import Control, UNetWithControls, guess_mode_scales
+from cldm.model import create_model, load_state_dict
+from ldm.errors import InputError
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+from ldm.modules.encoders.conditioner import ConcatTimestepEmbedderND, default_sizes
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+XL, XL_TINY = ROOT / "models" / "cldm_xl.yaml", ROOT / "models" / "cldm_xl_tiny.yaml"
+TOLERANCE = 1e-5
+
+
+def _sizes(time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"original_size_as_tuple": time_ids[:, 0:2], "crop_coords_top_left": time_ids[:, 2:4],
+            "target_size_as_tuple": time_ids[:, 4:6]}
+
+
+@pytest.fixture(scope="module")
+def unet_ref() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return (json.loads(reference_file("sdxl/tiny_sdxl_unet.json").read_text()),
+            load_file(reference_file("sdxl/tiny_sdxl_unet.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def text_ref() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return (json.loads(reference_file("sdxl/tiny_sdxl_text.json").read_text()),
+            load_file(reference_file("sdxl/tiny_sdxl_text.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def sgm_model(unet_ref: Any, text_ref: Any) -> Any:
+    """The tiny SDXL ControlLDM holding the references' UNet and text encoders (its VAE and ControlNet random)."""
+    torch.manual_seed(0)
+    model = create_model(XL_TINY)
+    model.materialize()
+    state = dict(torch.nn.Module.state_dict(model))
+    for tensors in (unet_ref[1], text_ref[1]):
+        state.update({k: v for k, v in tensors.items() if k.startswith(("model.", "conditioner."))})
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_full_size_config_has_the_real_checkpoints_names_and_shapes() -> None:
+    """models/cldm_xl.yaml builds exactly sd_xl_base_1.0's 2514 tensors plus the web UI layout's ControlNet, in
+    seconds (deferred: nothing is initialised)."""
+    base = json.loads(reference_file("sdxl/checkpoint_layout_sdxl_base.json").read_text())
+    control = json.loads(reference_file("sdxl/checkpoint_layout_sdxl_controlnet.json").read_text())
+    model = create_model(XL)
+    shapes = {k: list(v.shape) for k, v in torch.nn.Module.state_dict(model).items()}
+    expected = {**base["tensors"], **control["tensors"]}
+    assert len(base["tensors"]) == 2514
+    assert sorted(set(expected) - set(shapes)) == []
+    assert sorted(set(shapes) - set(expected)) == []
+    assert {k: shapes[k] for k in expected if shapes[k] != expected[k]} == {}
+    assert model.control_model.num_residuals == 10
+    assert family_of(2048).name == "SDXL"
+
+
+def test_real_files_extra_buffers_are_tolerated(sgm_model: Any) -> None:
+    """sgm saves `denoiser.sigmas`, older transformers `position_ids`: both load strictly and change nothing."""
+    state = dict(torch.nn.Module.state_dict(sgm_model))
+    extra = {"denoiser.sigmas": torch.rand(1000),
+             "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    sgm_model.load_state_dict({**state, **extra})
+    assert all(torch.equal(v, torch.nn.Module.state_dict(sgm_model)[k]) for k, v in state.items())
+
+
+def test_tiny_unet_reproduces_sgm(unet_ref: Any) -> None:
+    """sgm's own `params` block builds our UNet; it loads the reference strictly and gives sgm's eps."""
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    params, tensors = unet_ref
+    unet = UNetModel(**params["params"])
+    prefix = "model.diffusion_model."
+    unet.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    with torch.no_grad():
+        for case in ("io", "e2e"):
+            eps = unet(tensors["io.x"], tensors["io.t"], context=tensors[f"{case}.context"], y=tensors[f"{case}.y"])
+            assert rel_err(eps, tensors[f"{case}.eps"]) < TOLERANCE, case
+
+
+def test_vector_y_from_pooled_and_time_ids(unet_ref: Any) -> None:
+    """y = [pooled, E(orig h), E(orig w), E(crop top), E(crop left), E(target h), E(target w)], E = cos then sin."""
+    _, tensors = unet_ref
+    time_ids = tensors["io.time_ids"]
+    parts = [tensors["io.pooled"]] + [ConcatTimestepEmbedderND(8)(v) for v in _sizes(time_ids).values()]
+    assert rel_err(torch.cat(parts, 1), tensors["io.y"]) < 1e-6
+    v, i = 1024.0, torch.arange(4.0)  # the formula itself for one number: f_i = exp(-ln(10000) i / 4)
+    expected = torch.cat([torch.cos(v * torch.exp(-torch.log(torch.tensor(1e4)) * i / 4)),
+                          torch.sin(v * torch.exp(-torch.log(torch.tensor(1e4)) * i / 4))])
+    torch.testing.assert_close(ConcatTimestepEmbedderND(8)(torch.tensor([[v]]))[0], expected)
+
+
+def test_text_encoders_and_conditioner_reproduce_sgm(sgm_model: Any, text_ref: Any) -> None:
+    about, tensors = text_ref
+    clip_l, bigg = sgm_model.conditioner.embedders[0], sgm_model.conditioner.embedders[1]
+    prompts = about["prompts"]
+    assert torch.equal(clip_l.tokenize(prompts), tensors["tokens.clip_l"])  # pads with 49407
+    assert torch.equal(bigg.tokenize(prompts), tensors["tokens.openclip"])  # pads with 0
+    with torch.no_grad():
+        assert rel_err(clip_l.encode_tokens(tensors["tokens.clip_l"]), tensors["out.clip_l.hidden"]) < TOLERANCE
+        context, pooled = bigg.encode_tokens(tensors["tokens.openclip"])
+        assert rel_err(context, tensors["out.openclip.penultimate"]) < TOLERANCE
+        assert rel_err(pooled, tensors["out.openclip.pooled"]) < TOLERANCE
+        out = sgm_model.get_learned_conditioning(prompts, _sizes(tensors["io.time_ids"]))
+    assert rel_err(out["crossattn"], tensors["out.crossattn"]) < TOLERANCE
+    assert rel_err(out["vector"], tensors["out.vector"]) < TOLERANCE
+
+
+def test_prompts_to_eps_through_the_one_path(sgm_model: Any, unet_ref: Any, text_ref: Any) -> None:
+    """Prompts and sizes -> conditioner -> `apply_model` (the original's condition dict, `y` for the vector) gives
+    sgm's end-to-end eps; with a fresh (zero-initialised) ControlNet and a hint too, since it adds nothing."""
+    _, unet_tensors = unet_ref
+    about, text_tensors = text_ref
+    x, t = unet_tensors["io.x"], unet_tensors["io.t"]
+    with torch.no_grad():
+        cond = sgm_model.get_learned_conditioning(about["prompts"], _sizes(text_tensors["io.time_ids"]))
+        plain = sgm_model.apply_model(x, t, {"c_crossattn": [cond["crossattn"]], "y": [cond["vector"]],
+                                             "c_concat": None})
+        fresh_model = create_model(XL_TINY)
+        fresh_model.materialize()
+        fresh = fresh_model.control_model
+        sgm_model_control, sgm_model.control_model = sgm_model.control_model, fresh
+        try:
+            hint = torch.rand(2, 3, 128, 128)
+            controlled = sgm_model.apply_model(x, t, {"c_crossattn": [cond["crossattn"]], "y": [cond["vector"]],
+                                                      "c_concat": [hint]})
+        finally:
+            sgm_model.control_model = sgm_model_control
+    assert rel_err(plain, unet_tensors["e2e.eps"]) < TOLERANCE
+    assert rel_err(controlled, unet_tensors["e2e.eps"]) < TOLERANCE
+
+
+def _random_control(model: Any, seed: int) -> Any:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.control_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model.control_model
+
+
+def test_ten_residuals_guess_mode_and_conditional_rows(sgm_model: Any, text_ref: Any) -> None:
+    """A trained SDXL ControlNet steers the UNet with 10 residuals; guess mode scales them 0.825 ** (9 - i); a
+    conditional-only control with both CFG halves in one batch equals the two halves run apart."""
+    about, tensors = text_ref
+    saved = {k: v.clone() for k, v in sgm_model.control_model.state_dict().items()}
+    try:
+        net = _random_control(sgm_model, 1)
+        torch.manual_seed(0)
+        x, t, hint = torch.randn(2, 4, 16, 16), torch.tensor([500, 20]), torch.rand(2, 3, 128, 128)
+        with torch.no_grad():
+            cond = sgm_model.get_learned_conditioning(about["prompts"], _sizes(tensors["io.time_ids"]))
+            uncond = sgm_model.get_unconditional_conditioning(2, _sizes(tensors["io.time_ids"]))
+            raw = net(x=x, hint=hint, timesteps=t, context=cond["crossattn"], y=cond["vector"])
+            assert len(raw) == 10
+            assert Control(net, hint, weight=0.5, guess_mode=True).scales(10) == guess_mode_scales(10, 0.5)
+            assert guess_mode_scales(10)[0] == pytest.approx(0.825 ** 9)
+            unit = [Control(net, hint, control_mode="controlnet")]
+            batched = ClassifierFreeGuidance(sgm_model.controlled_unet(unit), cond, uncond, 5.0)(x, t)
+            apart = ClassifierFreeGuidance(sgm_model.controlled_unet(unit), cond, uncond, 5.0, batched=False)(x, t)
+            plain = UNetWithControls(sgm_model.model.diffusion_model)(x, t, cond)
+        assert rel_err(batched, apart) < 1e-5
+        assert rel_err(sgm_model.controlled_unet(unit)(x, t, cond), plain) > 1e-3  # the control does steer
+    finally:
+        sgm_model.control_model.load_state_dict(saved)
+
+
+def test_default_sizes_are_the_image_uncropped() -> None:
+    sizes = default_sizes(2, 96, 64)
+    assert sizes["original_size_as_tuple"].tolist() == [[96.0, 64.0]] * 2
+    assert sizes["crop_coords_top_left"].tolist() == [[0.0, 0.0]] * 2
+    assert sizes["target_size_as_tuple"].tolist() == [[96.0, 64.0]] * 2
+
+
+def test_vector_is_required_and_refused_where_it_must_be(sgm_model: Any) -> None:
+    unet = sgm_model.model.diffusion_model
+    with pytest.raises(InputError, match="needs the vector conditioning y"):
+        unet(torch.randn(1, 4, 8, 8), torch.tensor([1]), context=torch.randn(1, 77, 32))
+    with pytest.raises(InputError, match="missing|needs 'original_size_as_tuple'"):
+        sgm_model.conditioner({"txt": ["a"]})
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_add_control_train_resume_export_generate_as_a_user_runs_them(tmp_path: Path) -> None:
+    """tool_add_control.py on an SDXL base (sgm's extra `denoiser.sigmas` in it) -> tutorial_train.py, stopped and
+    resumed -> tool_export_control.py -> cldm.generate: the ControlNet starts as the UNet's encoder (label_emb
+    included), the locked SDXL weights stay bit for bit, the resumed run equals the uninterrupted one, and the
+    exported control generates on its base with the micro-conditioning recorded."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = create_model(XL_TINY)
+    model.materialize()
+    base = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("control_model.")}
+    trained_like(base)
+    assert not any(k in base for k in ("betas", "alphas_cumprod"))  # SDXL files carry no schedule
+    save_file({**base, "denoiser.sigmas": torch.rand(1000)}, str(tmp_path / "sdxl_base.safetensors"))
+    run_script("training/make_fill50k.py", "--out", str(tmp_path / "data"), "--n", "4", "--size", "64", "--seed", "0")
+    ini = tmp_path / "ini.safetensors"
+    run_script("tool_add_control.py", str(tmp_path / "sdxl_base.safetensors"), str(ini), "--config", str(XL_TINY))
+    initial = load_state_dict(ini)
+    for name in ("label_emb.0.0.weight", "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"):
+        assert torch.equal(initial["control_model." + name], base["model.diffusion_model." + name])
+
+    def train(out: Path, *extra: str) -> None:
+        run_script("tutorial_train.py", "--config", str(XL_TINY), "--resume_path", str(ini), "--data",
+                   str(tmp_path / "data"), "--out", str(out), "--batch_size", "2", "--learning_rate", "1e-3",
+                   "--logger_freq", "100", "--save_every", "2", *extra)
+
+    train(tmp_path / "full", "--max_steps", "4")
+    train(tmp_path / "part", "--max_steps", "2")
+    train(tmp_path / "part", "--max_steps", "4", "--resume")
+    full, part = load_state_dict(tmp_path / "full" / "last.ckpt"), load_state_dict(tmp_path / "part" / "last.ckpt")
+    assert [k for k in full if not torch.equal(full[k], part[k])] == []
+    moved = [k for k in initial if not torch.equal(initial[k], full[k])]
+    assert moved and all(k.startswith("control_model.") for k in moved)
+    create_model(XL_TINY).load_state_dict(full)
+    # ... then export it control-only (fp16) and generate with it on the base, with micro-conditioning
+    control = tmp_path / "control_sdxl_mine.safetensors"
+    run_script("tool_export_control.py", str(tmp_path / "full" / "last.ckpt"), str(control), "--config",
+               str(XL_TINY))
+    hint = next((tmp_path / "data" / "source").iterdir())
+    image = tmp_path / "out.png"
+    run_script("-m", "cldm.generate", "--config", str(XL_TINY), "--ckpt", str(control), "--base",
+               str(tmp_path / "sdxl_base.safetensors"), "--prompt", "a red circle", "--image", str(hint),
+               "--width", "64", "--height", "64", "--steps", "2", "--original_size", "128", "128", "--crop", "8",
+               "0", "--out", str(image))
+    from cldm.generate import read_record
+
+    record = read_record(image)
+    assert record["original_size"] == [128, 128] and record["crop_top_left"] == [8, 0]
+
+
+def test_sd15_control_onto_sdxl_is_refused_naming_both_families(tmp_path: Path) -> None:
+    """A full-size SD1.5 ControlNet (text width 768) does not go onto the SDXL config: one line, both families."""
+    from cldm.checkpoint import check_control_fits
+
+    control = {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768)}
+    expected = {"input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(640, 2048)}
+    with pytest.raises(CheckpointMismatchError, match=r"SD1\.x model \(text width 768\).*SDXL model \(text width "
+                                                      r"2048\)"):
+        check_control_fits(control, expected, "sd15_control.safetensors", "models/cldm_xl.yaml")
+
+
+# ----- generation: the pipeline with SDXL's micro-conditioning ------------------------------------------------
+def test_unconditional_is_zero_text_with_the_size_embeddings(sgm_model: Any, unet_ref: Any) -> None:
+    """SDXL's empty negative prompt is zeros for both encoders' text (sgm's force_zero_embeddings, diffusers'
+    force_zeros_for_empty_prompt); the size embeddings stay."""
+    sizes = _sizes(unet_ref[1]["io.time_ids"])
+    with torch.no_grad():
+        uncond = sgm_model.get_unconditional_conditioning(2, sizes)
+    assert not uncond["crossattn"].any()
+    assert not uncond["vector"][:, :24].any()  # bigG's pooled width in the tiny config
+    embedded = torch.cat([ConcatTimestepEmbedderND(8)(v) for v in sizes.values()], 1)
+    assert torch.equal(uncond["vector"][:, 24:], embedded)
+
+
+def test_pipeline_generates_with_micro_conditioning_and_records_it(sgm_model: Any) -> None:
+    import numpy as np
+
+    from cldm.generation import ControlNetPipeline, ControlUnit
+
+    saved = {k: v.clone() for k, v in sgm_model.control_model.state_dict().items()}
+    try:
+        _random_control(sgm_model, 2)
+        pipeline = ControlNetPipeline(sgm_model)
+        hint = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+        unit = ControlUnit(hint, weight=1.0, control_mode="controlnet")
+        common = dict(width=64, height=64, steps=2, cfg_scale=3.0, seed=0, progress=False)
+        default = pipeline("a cat", [unit], **common)
+        same = pipeline("a cat", [unit], original_size=(64, 64), crop_top_left=(0, 0), target_size=(64, 64),
+                        **common)
+        other = pipeline("a cat", [unit], original_size=(1024, 512), crop_top_left=(16, 48), **common)
+    finally:
+        sgm_model.control_model.load_state_dict(saved)
+    pixels = [np.asarray(r.images[0], dtype=np.int16) for r in (default, same, other)]
+    assert np.array_equal(pixels[0], pixels[1])  # the defaults are the output size, uncropped
+    assert np.abs(pixels[0] - pixels[2]).max() > 0  # the micro-conditioning reaches the model
+    assert other.settings["original_size"] == [1024, 512] and other.settings["crop_top_left"] == [16, 48]
+    assert default.settings["target_size"] == [64, 64]
+
+
+def test_micro_conditioning_is_refused_for_sd(tiny_model: Any) -> None:
+    from cldm.generation import ControlNetPipeline
+
+    with pytest.raises(InputError, match="SDXL's micro-conditioning"):
+        ControlNetPipeline(tiny_model)("a cat", [], width=64, height=64, steps=1, original_size=(64, 64),
+                                       progress=False)
+
+
+# ----- export: diffusers' own ControlNetModel computes our 10 residuals ---------------------------------------
+def test_diffusers_folder_of_an_sdxl_control_gives_our_residuals(sgm_model: Any, tmp_path: Path) -> None:
+    """Our tiny SDXL ControlNet -> `tool_export_control.py --format diffusers` -> diffusers.ControlNetModel: the same
+    10 residuals (its add_embedding from our label_emb: the folder is complete, unlike diffusers' own single-file
+    conversion of such a file); read back, the folder is our ControlNet bit for bit."""
+    import diffusers
+
+    import tool_export_control
+    from cldm.checkpoint import control_weights
+
+    saved = {k: v.clone() for k, v in sgm_model.control_model.state_dict().items()}
+    try:
+        net = _random_control(sgm_model, 3)
+        torch.save({"state_dict": {"control_model." + k: v for k, v in net.state_dict().items()}},
+                   tmp_path / "last.ckpt")
+        assert tool_export_control.main([str(tmp_path / "last.ckpt"), str(tmp_path / "folder"), "--format",
+                                         "diffusers", "--dtype", "fp32", "--config", str(XL_TINY)]) == 0
+        theirs = diffusers.ControlNetModel.from_pretrained(tmp_path / "folder", local_files_only=True).eval()
+        written = load_file(tmp_path / "folder" / "diffusion_pytorch_model.safetensors")
+        assert written.keys() == theirs.state_dict().keys()
+        assert {"add_embedding.linear_1.weight", "add_embedding.linear_2.bias"} <= written.keys()
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 900])
+        context, pooled = torch.randn(2, 77, 32, generator=g), torch.randn(2, 24, generator=g)
+        time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 16, 48, 896, 1152]])
+        hint = torch.rand(2, 3, 128, 128, generator=g)
+        y = torch.cat([pooled] + [ConcatTimestepEmbedderND(8)(v) for v in _sizes(time_ids).values()], 1)
+        with torch.no_grad():
+            ours = net(x=x, hint=hint, timesteps=t, context=context, y=y)
+            down, mid = theirs(sample=x, timestep=t, encoder_hidden_states=context, controlnet_cond=hint,
+                               added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)
+        assert len(ours) == len([*down, mid]) == 10
+        for i, (a, b) in enumerate(zip(ours, [*down, mid])):
+            assert rel_err(b, a) < TOLERANCE, i
+        back = control_weights(load_state_dict(tmp_path / "folder"), tmp_path / "folder")
+        assert back.keys() == net.state_dict().keys()
+        assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
+    finally:
+        sgm_model.control_model.load_state_dict(saved)
+
+
+def test_what_sdxl_does_not_support_yet_is_refused_plainly(sgm_model: Any) -> None:
+    from cldm.formats import diffusers_config
+    from training.cache import build_cache
+
+    with pytest.raises(InputError, match="--cache does not support SDXL yet"):
+        build_cache(sgm_model, None, "unused")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="needs the size embedding width"):
+        diffusers_config(sgm_model.control_model)
