@@ -355,3 +355,15 @@ def test_what_sdxl_does_not_support_yet_is_refused_plainly(sgm_model: Any) -> No
         build_cache(sgm_model, None, "unused")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="needs the size embedding width"):
         diffusers_config(sgm_model.control_model)
+
+
+def test_image_logging_samples_sdxl(sgm_model: Any) -> None:
+    """ControlLDM.log_images (what ImageLogger calls) on an SDXL batch: sizes from the images, CFG with zero text."""
+    g = torch.Generator().manual_seed(0)
+    batch = {"jpg": torch.rand(2, 64, 64, 3, generator=g) * 2 - 1, "hint": torch.rand(2, 64, 64, 3, generator=g),
+             "txt": ["a red circle", "a blue circle"]}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        log = sgm_model.log_images(batch, N=2, ddim_steps=2, unconditional_guidance_scale=3.0)
+    assert log["samples_cfg_scale_3.00"].shape == (2, 3, 64, 64)
+    assert torch.isfinite(log["samples_cfg_scale_3.00"]).all()
