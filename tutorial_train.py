@@ -221,6 +221,7 @@ def training_data(args: argparse.Namespace, model: torch.nn.Module) -> TrainingD
         raise InputError("--random_thresholds draws canny's thresholds: it needs --hint canny")
     data_format = args.data_format or detect_format(Path(args.data))
     pin_memory = torch.cuda.is_available()
+    size_conditioning = bool(getattr(model, "has_conditioner", False))  # SDXL: each item's size and crop
     if data_format == "webdataset":
         if args.cache:
             raise InputError("--cache encodes a data set on disk once; streamed shards are encoded as they come: "
@@ -230,13 +231,14 @@ def training_data(args: argparse.Namespace, model: torch.nn.Module) -> TrainingD
                              "use --resolution N without --buckets")
         stream = ShardStream(args.data, batch_size=args.batch_size, num_workers=args.num_workers, geometry=geometry,
                              hint_maker=hint_maker, drop_prompt=args.drop_prompt, seed=args.seed,
-                             skip_bad=args.skip_bad)
+                             skip_bad=args.skip_bad, size_conditioning=size_conditioning)
         print(f"{stream.description}: streamed")
         return TrainingData(stream.loader(pin_memory), stream, None)
     items = open_dataset(args.data, data_format=data_format,
                          columns=Columns(args.image_column, args.conditioning_image_column, args.caption_column),
                          conditioning_dir=args.conditioning_dir, skip_bad=args.skip_bad, geometry=geometry,
-                         hint_maker=hint_maker, drop_prompt=args.drop_prompt, seed=args.seed)
+                         hint_maker=hint_maker, drop_prompt=args.drop_prompt, seed=args.seed,
+                         size_conditioning=size_conditioning)
     print(items.report())
     dataset: Dataset = items
     if args.cache:  # the training step then runs neither the VAE encoder nor the text encoder

@@ -23,7 +23,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
     UNetModel,
 )
 from ldm.modules.diffusionmodules.util import as_input_for, conv_nd, zero_module
-from ldm.modules.encoders.conditioner import default_sizes
+from ldm.modules.encoders.conditioner import sizes_of
 from ldm.util import instantiate_from_config, log_txt_as_img
 
 __all__ = ["GUESS_MODE_DECAY", "OPTIMIZERS", "ControlLDM", "ControlNet", "ControlledUnetModel", "guess_mode_scales"]
@@ -319,7 +319,7 @@ class ControlLDM(LatentDiffusion):
         }
         if sample:
             chunk = sample_batch_size or n
-            sizes = default_sizes(n, *batch[self.first_stage_key].shape[1:3]) if self.has_conditioner else None
+            sizes = sizes_of(batch, n, *batch[self.first_stage_key].shape[1:3]) if self.has_conditioner else None
             uncond_text = self.get_unconditional_conditioning(n, sizes)
             samples = []
             for start in range(0, n, chunk):

@@ -20,7 +20,7 @@ from cldm.control import Control, UNetWithControls, guess_mode_scales
 from cldm.model import create_model, load_state_dict
 from ldm.errors import InputError
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
-from ldm.modules.encoders.conditioner import ConcatTimestepEmbedderND, default_sizes
+from ldm.modules.encoders.conditioner import SIZE_KEYS, ConcatTimestepEmbedderND, default_sizes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -367,3 +367,47 @@ def test_image_logging_samples_sdxl(sgm_model: Any) -> None:
         log = sgm_model.log_images(batch, N=2, ddim_steps=2, unconditional_guidance_scale=3.0)
     assert log["samples_cfg_scale_3.00"].shape == (2, 3, 64, 64)
     assert torch.isfinite(log["samples_cfg_scale_3.00"]).all()
+
+
+# ----- training data: each item's own size and crop -----------------------------------------------------------
+def test_items_carry_their_original_size_crop_and_target_size(tmp_path: Path, sgm_model: Any) -> None:
+    """With size conditioning (tutorial_train sets it for SDXL), a random 32 x 32 crop of a 96 x 64 image says
+    original (64, 96), its real (top, left) in the 48 x 32 resized image, target (32, 32); the batch's sizes are
+    what the conditioner embeds."""
+    import numpy as np
+    from PIL import Image
+
+    from training.dataset import open_dataset
+    from training.geometry import Geometry
+
+    (tmp_path / "source").mkdir()
+    (tmp_path / "target").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        for part in ("source", "target"):
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / part / f"{i}.png")
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": "a cat"}))
+    (tmp_path / "prompt.json").write_text("\n".join(lines) + "\n")
+    geometry = Geometry(resolution=32, crop="random")
+    items = open_dataset(tmp_path, geometry=geometry, size_conditioning=True, seed=0)
+    plain = open_dataset(tmp_path, geometry=geometry, seed=0)
+    assert "crop_coords_top_left" not in plain[0]  # SD1.x/2.x items stay the original's
+    lefts = set()
+    for index in range(3):
+        item = items[index]
+        assert item["original_size_as_tuple"].tolist() == [64.0, 96.0]
+        assert item["target_size_as_tuple"].tolist() == [32.0, 32.0]
+        top, left = item["crop_coords_top_left"].tolist()
+        assert top == 0.0 and 0 <= left <= 16  # 96 x 64 resized to 48 x 32: only a horizontal crop
+        _, _, placement = items.placed(index)
+        assert placement.crop_offset == (int(left), int(top))
+        lefts.add(left)
+    assert len(lefts) > 1  # the crops really are random, and reported as they are
+    batch = {k: torch.stack([torch.as_tensor(items[i][k]) for i in range(2)]) for k in ("jpg", "hint")}
+    batch.update({k: torch.stack([torch.as_tensor(items[i][k]) for i in range(2)]) for k in SIZE_KEYS})
+    batch["txt"] = ["a cat", "a cat"]
+    with torch.no_grad():
+        _, cond = sgm_model.get_input(batch, "jpg")
+        expected = sgm_model.get_learned_conditioning(["a cat"] * 2, {k: batch[k] for k in SIZE_KEYS})
+    assert torch.equal(cond["y"][0], expected["vector"])

@@ -51,9 +51,10 @@ class PairedDataset(Dataset):
     """
 
     def __init__(self, source: ItemSource, *, geometry: Geometry | None = None, hint_maker: HintMaker | None = None,
-                 drop_prompt: float = 0.0, seed: int = 0) -> None:
+                 drop_prompt: float = 0.0, seed: int = 0, size_conditioning: bool = False) -> None:
         if not 0.0 <= drop_prompt <= 1.0:
             raise ValueError(f"drop_prompt must be in [0, 1], got {drop_prompt}")
+        self.size_conditioning = size_conditioning
         self.source = source
         self.geometry = geometry or Geometry()
         self.hint_maker = hint_maker
@@ -125,8 +126,8 @@ class PairedDataset(Dataset):
         return self.placed(index)[1].astype(np.float32) / 255.0
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        target, hint, _ = self.placed(index)
-        return training_item(target, hint, self.prompt(index))
+        target, hint, placement = self.placed(index)
+        return training_item(target, hint, self.prompt(index), placement if self.size_conditioning else None)
 
 
 def place_pair(target: np.ndarray, hint: np.ndarray | None, geometry: Geometry, hint_maker: HintMaker | None,
@@ -146,9 +147,19 @@ def place_pair(target: np.ndarray, hint: np.ndarray | None, geometry: Geometry, 
     return target, hint, placement
 
 
-def training_item(target: np.ndarray, hint: np.ndarray, prompt: str) -> dict[str, Any]:
-    """The original tutorial's item: `jpg` in [-1, 1], `hint` in [0, 1] (float32 HWC), `txt`."""
-    return {"jpg": target.astype(np.float32) / 127.5 - 1.0, "txt": prompt, "hint": hint.astype(np.float32) / 255.0}
+def training_item(target: np.ndarray, hint: np.ndarray, prompt: str, placement: Placement | None = None
+                  ) -> dict[str, Any]:
+    """The original tutorial's item: `jpg` in [-1, 1], `hint` in [0, 1] (float32 HWC), `txt`; with `placement`,
+    also SDXL's size conditionings as sgm's batch keys name them: the original (height, width), the crop's (top,
+    left) in the resized image, and the output (height, width)."""
+    item = {"jpg": target.astype(np.float32) / 127.5 - 1.0, "txt": prompt, "hint": hint.astype(np.float32) / 255.0}
+    if placement is not None:
+        (width, height), (left, top), (out_w, out_h) = placement.original_size, placement.crop_offset, \
+            placement.output_size
+        item.update({"original_size_as_tuple": np.array([height, width], np.float32),
+                     "crop_coords_top_left": np.array([top, left], np.float32),
+                     "target_size_as_tuple": np.array([out_h, out_w], np.float32)})
+    return item
 
 
 class ControlDataset(PairedDataset):
@@ -182,11 +193,15 @@ class ControlDataset(PairedDataset):
 
 def open_dataset(path: str | Path, *, data_format: str | None = None, columns: Columns | None = None,
                  conditioning_dir: str | Path | None = None, skip_bad: bool = False, geometry: Geometry | None = None,
-                 hint_maker: HintMaker | None = None, drop_prompt: float = 0.0, seed: int = 0) -> PairedDataset:
-    """The training items of PATH, whatever its map-style layout (see `training/sources.py`)."""
+                 hint_maker: HintMaker | None = None, drop_prompt: float = 0.0, seed: int = 0,
+                 size_conditioning: bool = False) -> PairedDataset:
+    """The training items of PATH, whatever its map-style layout (see `training/sources.py`); with
+    `size_conditioning` (SDXL) each item also says its original size, crop and output size."""
     source = open_source(path, data_format, columns or Columns(), conditioning_dir, skip_bad,
                          need_hints=hint_maker is None)
-    if isinstance(source, PromptJsonSource) and hint_maker is None and (geometry is None or geometry.square):
+    if isinstance(source, PromptJsonSource) and hint_maker is None and (geometry is None or geometry.square) \
+            and not size_conditioning:
         return ControlDataset(path, skip_bad=skip_bad, drop_prompt=drop_prompt, seed=seed,
                               size=None if geometry is None else geometry.square)
-    return PairedDataset(source, geometry=geometry, hint_maker=hint_maker, drop_prompt=drop_prompt, seed=seed)
+    return PairedDataset(source, geometry=geometry, hint_maker=hint_maker, drop_prompt=drop_prompt, seed=seed,
+                         size_conditioning=size_conditioning)

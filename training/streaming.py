@@ -96,12 +96,14 @@ class ShardStream(DataOrder, IterableDataset):
         seed: shard order and per-item randomness.
         skip_bad: skip unusable samples (each named on stderr, counted in `stream_position`) instead of failing.
         shuffle: shuffle the shards each epoch (off: shard order as given, every epoch).
+        size_conditioning: also give each item's original size, crop and output size (SDXL's conditionings).
     """
 
     def __init__(self, shards: str | Path | Sequence[str | Path], *, batch_size: int, num_workers: int = 0,
                  geometry: Geometry | None = None, hint_maker: HintMaker | None = None, drop_prompt: float = 0.0,
-                 seed: int = 0, skip_bad: bool = False, shuffle: bool = True) -> None:
+                 seed: int = 0, skip_bad: bool = False, shuffle: bool = True, size_conditioning: bool = False) -> None:
         _webdataset()
+        self.size_conditioning = size_conditioning
         if not 0.0 <= drop_prompt <= 1.0:
             raise ValueError(f"drop_prompt must be in [0, 1], got {drop_prompt}")
         self.shards = expand_shards(shards)
@@ -229,14 +231,15 @@ class ShardStream(DataOrder, IterableDataset):
             if hint_suffix is not None and self.hint_maker is None:
                 hint = self._decode(sample[hint_suffix], HINT_MATTE, f"{where}: {key}.{hint_suffix}")
             rng = np.random.default_rng(_unit_hash(self.seed, path.name, key, epoch))
-            target, hint, _ = place_pair(target, hint, self.geometry, self.hint_maker, rng, where)
+            target, hint, placement = place_pair(target, hint, self.geometry, self.hint_maker, rng, where)
         except DatasetError as err:
             if not self.skip_bad:
                 raise
             print(f"skipped: {err}", file=sys.stderr)
             return None
         dropped = _unit_hash("drop", self.seed, path.name, key) / 2.0**64 < self.drop_prompt
-        return training_item(target, hint, "" if dropped else caption)
+        return training_item(target, hint, "" if dropped else caption,
+                             placement if self.size_conditioning else None)
 
     @staticmethod
     def _caption(sample: dict[str, Any], where: str) -> str:

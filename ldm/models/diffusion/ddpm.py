@@ -43,7 +43,7 @@ from ldm.models.diffusion.schedule import (
 from ldm.models.frozen_weights import FrozenWeights
 from ldm.modules.diffusionmodules.util import as_input_for, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.encoders.conditioner import SIZE_KEYS, default_sizes
+from ldm.modules.encoders.conditioner import default_sizes, sizes_of
 from ldm.util import instantiate_from_config
 
 #: Buffers other code saves that this model derives itself: sgm's `denoiser.sigmas` (from the same schedule).
@@ -82,10 +82,7 @@ def encode_batch(model: LatentDiffusion, batch: Mapping[str, Any], key: str, bs:
     if bs is not None:
         images, prompts = images[:bs], prompts[:bs]
     x = images.to(model.device).permute(0, 3, 1, 2).contiguous().float()
-    sizes = None
-    if model.has_conditioner:
-        sizes = {k: batch[k][: len(prompts)] for k in SIZE_KEYS if k in batch} or \
-            default_sizes(len(prompts), x.shape[2], x.shape[3])
+    sizes = sizes_of(batch, len(prompts), x.shape[2], x.shape[3]) if model.has_conditioner else None
     return model.encode_first_stage(x), model.get_learned_conditioning(list(prompts), sizes)
 
 

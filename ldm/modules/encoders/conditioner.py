@@ -33,6 +33,14 @@ def default_sizes(batch: int, height: int, width: int) -> dict[str, torch.Tensor
             "target_size_as_tuple": size.clone()}
 
 
+def sizes_of(batch: Mapping[str, Any], n: int, height: int, width: int) -> dict[str, torch.Tensor]:
+    """The first `n` items' size conditionings: the batch's own (the data pipeline's, see
+    `training.dataset.training_item`), else `default_sizes` of the images' (height, width)."""
+    if all(key in batch for key in SIZE_KEYS):
+        return {key: torch.as_tensor(batch[key][:n]).float() for key in SIZE_KEYS}
+    return default_sizes(n, height, width)
+
+
 class ConcatTimestepEmbedderND(nn.Module):
     """Each of a row's numbers embedded as a timestep is (`cos` then `sin` of `outdim / 2` frequencies), then the
     row's embeddings side by side: `[B, n] -> [B, n * outdim]`. sgm's name, for config compatibility."""
