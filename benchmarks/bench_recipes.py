@@ -153,7 +153,7 @@ def report(out: Path) -> str:
     if not results:
         return "no results yet"
     uniform = next((r for r in results if r["recipe"] == "uniform"), results[0])
-    lines = ["| recipe | convergence (samples seen, per seed) | mean | vs uniform | final IoU (seeds 7, 8; all runs) | "
+    lines = ["| recipe | convergence (samples seen, per seed) | mean | vs uniform | final IoU (fresh seeds) | "
              "vs uniform | guidance | s/step |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         conv = ", ".join("-" if c is None else f"{c:.0f}" for c in r["convergence_samples"])
@@ -204,11 +204,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="4 steps, one seed, 2 hints: checks the script only")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help=f"training seeds (default {' '.join(map(str, SEEDS))}; the first one tunes the guidance)")
+    parser.add_argument("--eval_seeds", type=int, nargs="+", default=None,
+                        help=f"fresh seeds of the final score (default {' '.join(map(str, EVAL_SEEDS))})")
+    parser.add_argument("--guidances", type=float, nargs="+", default=None,
+                        help=f"guidances tuned on seed {TUNING_SEED} (default {' '.join(map(str, GUIDANCES))})")
     args = parser.parse_args()
     if args.quick:
         STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS = 4, 2, (0,), 2, (3.0,), (7,)
         for name, (flags, steps, every) in list(RECIPES.items()):
             RECIPES[name] = (flags, max(1, steps * 4 // 1500), max(1, every * 2 // 50))
+    EVAL_SEEDS = tuple(args.eval_seeds) if args.eval_seeds else EVAL_SEEDS
+    GUIDANCES = tuple(args.guidances) if args.guidances else GUIDANCES
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
         if args.combine:
