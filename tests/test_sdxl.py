@@ -411,3 +411,43 @@ def test_items_carry_their_original_size_crop_and_target_size(tmp_path: Path, sg
         _, cond = sgm_model.get_input(batch, "jpg")
         expected = sgm_model.get_learned_conditioning(["a cat"] * 2, {k: batch[k] for k in SIZE_KEYS})
     assert torch.equal(cond["y"][0], expected["vector"])
+
+
+def test_fidelity_generation_runs_on_sdxl(sgm_model: Any) -> None:
+    """training.fidelity.generate (the fidelity callback's sampler) on SDXL: its images' sizes, zero-text CFG."""
+    import numpy as np
+
+    from training.fidelity import generate
+
+    hints = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
+    images = generate(sgm_model, ["a red circle", "a blue circle"], hints, seed=0, ddim_steps=2, guidance_scale=3.0)
+    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_transfer_control_moves_an_sdxl_control_onto_a_community_model(tmp_path: Path) -> None:
+    """tool_transfer_control on SDXL: control + (target - base) for every ControlNet tensor with a UNet counterpart,
+    label_emb included; the hint block and zero convs as they are; the target's own SDXL weights otherwise."""
+    from safetensors.torch import save_file
+
+    import tool_transfer_control
+
+    torch.manual_seed(0)
+    model = create_model(XL_TINY)
+    model.materialize()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trained_like(state)
+    base = {k: v for k, v in state.items() if not k.startswith("control_model.")}
+    target = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in base.items()}
+    control = {k: v for k, v in state.items() if k.startswith("control_model.")}
+    for name, tensors in (("base", base), ("target", target), ("control", control)):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+    tool_transfer_control.transfer_control(tmp_path / "base.safetensors", tmp_path / "control.safetensors",
+                                           tmp_path / "target.safetensors", tmp_path / "out.safetensors", XL_TINY)
+    out = load_state_dict(tmp_path / "out.safetensors")
+    for name in ("label_emb.0.0.weight", "input_blocks.4.1.proj_in.weight"):
+        expected = control["control_model." + name] + (target["model.diffusion_model." + name]
+                                                       - base["model.diffusion_model." + name])
+        torch.testing.assert_close(out["control_model." + name], expected)
+    assert torch.equal(out["control_model.zero_convs.3.0.weight"], control["control_model.zero_convs.3.0.weight"])
+    assert torch.equal(out["conditioner.embedders.1.model.text_projection"],
+                       target["conditioner.embedders.1.model.text_projection"])

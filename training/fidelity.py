@@ -45,6 +45,7 @@ from cldm.control import Control
 from cldm.metrics import circle_mask_from_colors, color_accuracy, edge_f1, iou
 from cldm.model import create_model, load_config
 from ldm.errors import DEBUG_HELP, InputError, MissingFileError, command_line
+from ldm.modules.encoders.conditioner import default_sizes
 from ldm.util import settings_from
 from training.dataset import ControlDataset, PairedDataset
 from training.make_fill50k import sample_fill50k, sample_rng
@@ -246,8 +247,11 @@ def generate(model: Any, prompts: Sequence[str], hints: np.ndarray | None, seed:
         x = torch.stack([item_noise(shape, seed, i) for i in range(start, stop)]).to(device)
         controls = [] if hints is None else [
             Control(model.control_model, torch.from_numpy(hints[start:stop]).permute(0, 3, 1, 2).float().to(device))]
-        z = model.sample_latents(x, model.get_learned_conditioning(list(prompts[start:stop])), controls,
-                                 model.get_learned_conditioning([""] * n), guidance_scale, steps=ddim_steps)
+        sdxl = bool(getattr(model, "has_conditioner", False))  # its sizes: the images', shown whole
+        sizes = default_sizes(n, size, size) if sdxl else None
+        z = model.sample_latents(x, model.get_learned_conditioning(list(prompts[start:stop]), sizes), controls,
+                                 model.get_learned_conditioning([""] * n, sizes, zero_text=sdxl), guidance_scale,
+                                 steps=ddim_steps)
         image = model.decode_first_stage(z)
         images.append(((image.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images)
