@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
 from cldm.checkpoint import load_weights
-from cldm.cldm import OPTIMIZERS
+from cldm.cldm import OPTIMIZERS, ControlLDM
 from cldm.control import ControlReward
 from cldm.logger import ImageLogger
 from cldm.model import create_model
@@ -212,7 +212,7 @@ class TrainingData:
         return self.items.report() if self.items is not None else self.order.report()  # type: ignore[attr-defined]
 
 
-def training_data(args: argparse.Namespace, model: torch.nn.Module) -> TrainingData:
+def training_data(args: argparse.Namespace, model: ControlLDM) -> TrainingData:
     """The data of `--data` in its layout, placed, hinted and ordered as the flags say (and cached with --cache)."""
     geometry = Geometry.from_options(args.image_size, args.resolution, args.crop, args.buckets)
     hint_maker = HintMaker(args.hint, args.threshold_a, args.threshold_b, args.random_thresholds,
@@ -221,7 +221,10 @@ def training_data(args: argparse.Namespace, model: torch.nn.Module) -> TrainingD
         raise InputError("--random_thresholds draws canny's thresholds: it needs --hint canny")
     data_format = args.data_format or detect_format(Path(args.data))
     pin_memory = torch.cuda.is_available()
-    size_conditioning = bool(getattr(model, "has_conditioner", False))  # SDXL: each item's size and crop
+    size_conditioning = model.has_conditioner  # SDXL: each item's size and crop
+    if args.cache and size_conditioning:
+        raise InputError("--cache does not support SDXL yet (its conditioning depends on each item's size too): "
+                         "train without --cache")
     if data_format == "webdataset":
         if args.cache:
             raise InputError("--cache encodes a data set on disk once; streamed shards are encoded as they come: "

@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from benchmarks.common import run_child
+from benchmarks.common import REPO_ROOT, run_child
 from benchmarks.layouts import LAYOUTS, write_every_layout
 from training.make_fill50k import make_fill50k
 from training.make_webdataset import shard_pattern, write_shards
@@ -54,7 +52,10 @@ def _loader(data: str, *extra: str) -> Any:
 
     args = tutorial_train.parse_args(["--data", data, "--batch_size", str(BATCH), "--num_workers", str(WORKERS),
                                       *extra])
-    return tutorial_train.training_data(args, torch.nn.Module()).loader
+    from cldm.model import create_model
+
+    model = create_model(REPO_ROOT / "models" / "cldm_tiny.yaml")  # an SD1.x model, deferred: nothing initialised
+    return tutorial_train.training_data(args, model).loader
 
 
 def throughput(data: str, batches: int, warmup: int = 4) -> dict[str, float]:

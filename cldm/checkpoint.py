@@ -535,7 +535,9 @@ def check_control_fits(control: Mapping[str, torch.Tensor], expected: Mapping[st
 def explain_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """One line saying why a checkpoint does not fit `model`, and what to use instead; None when it does fit."""
     expected = nn.Module.state_dict(model)  # not a subclass override that may initialise weights first
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
+    loadable = getattr(model, "loadable", None)  # what the model itself would load of the checkpoint
+    state_dict = loadable(state_dict) if callable(loadable) else \
+        {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
     for prefix in (UNET_PREFIX, CONTROL_PREFIX):
         have, want = context_dim_of(state_dict, prefix), context_dim_of(expected, prefix)
         if have is not None and want is not None and have != want:

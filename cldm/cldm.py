@@ -144,9 +144,10 @@ class ControlLDM(LatentDiffusion):
     """Stable Diffusion with a ControlNet: the Lightning module that trains and samples.
 
     `cond` dicts are `{'c_crossattn': [text embedding], 'c_concat': [hint in [0, 1], NCHW]}`;
-    `c_concat: None` runs the plain UNet. `control_scales` multiplies residual i (the original's guess mode
-    and control weight set it) on every path that runs the model. With `sd_locked` only the ControlNet trains;
-    otherwise the UNet decoder and output layer train too.
+    `c_concat: None` runs the plain UNet. SDXL's vector goes in as `'y': [vector]` (or the whole
+    `get_learned_conditioning` output stands in `c_crossattn`). `control_scales` multiplies residual i (the
+    original's guess mode and control weight set it) on every path that runs the model. With `sd_locked` only the
+    ControlNet trains; otherwise the UNet decoder and output layer train too.
     """
 
     def __init__(self, control_stage_config: Any, control_key: str, only_mid_control: bool,
@@ -292,12 +293,6 @@ class ControlLDM(LatentDiffusion):
         return sampling.sample(guided, noise, alphas_cumprod=self.alphas_cumprod,
                                parameterization=self.parameterization, sampler=sampler, steps=steps, eta=eta,
                                generator=generator, callback=callback, progress=progress)
-
-    @torch.no_grad()
-    def get_unconditional_conditioning(self, n: int, sizes: Mapping[str, torch.Tensor] | None = None) -> Context:
-        """The empty prompt's context: "" encoded (SD1.x/2.x), or zero text with the size embeddings (SDXL, as sgm
-        and diffusers sample it)."""
-        return self.get_learned_conditioning([""] * n, sizes, zero_text=self.has_conditioner)
 
     @torch.no_grad()
     def log_images(self, batch: dict[str, Any], N: int = 4, n_row: int = 2, sample: bool = True,

@@ -159,6 +159,7 @@ def diffusers_config(net: nn.Module, addition_time_embed_dim: int | None = None)
     unsupported = {"use_scale_shift_norm": spec.use_scale_shift_norm, "resblock_updown": spec.resblock_updown,
                    "dims != 2": spec.dims != 2, "num_attention_blocks": spec.num_attention_blocks is not None,
                    "disable_self_attentions": bool(spec.disable_self_attentions),
+                   "disable_middle_transformer": spec.disable_middle_transformer,
                    "a hint block that does not downsample 8x": net.hint_downsample != 8,
                    "a number of ResBlocks that differs between levels": len(set(spec.res_blocks_per_level)) > 1}
     refused = [name for name, present in unsupported.items() if present]
@@ -342,6 +343,9 @@ def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, to
     the projection: a 23-block encoder gets its last block back as zeros (a zero block adds nothing to its input),
     and the projection as zeros (unused by the UNet's conditioning).
     """
+    if (folder / "text_encoder_2").is_dir():
+        raise InputError(f"{folder}: a diffusers SDXL pipeline (it has text_encoder_2/): reading those folders is "
+                         f"not supported yet; use the single file sd_xl_base_1.0.safetensors")
     parts = {name: folder / name for name in ("unet", "vae", "text_encoder")}
     missing = [name for name, path in parts.items() if not (path / DIFFUSERS_CONFIG).is_file()]
     if missing:

@@ -340,7 +340,7 @@ class ControlNetPipeline:
 
     def latent_factor(self) -> int:
         """Pixels per latent cell: the VAE's downsampling (8 for SD and the tiny config)."""
-        return 2 ** (self.model.first_stage_model.encoder.num_resolutions - 1)
+        return self.model.latent_factor
 
     def size_multiple(self) -> int:
         """Pixel sizes must divide into the VAE's and then the UNet's downsampling (64 for SD).

@@ -13,6 +13,7 @@ from conftest import TINY
 
 import tutorial_train
 from benchmarks.layouts import LAYOUTS, write_every_layout
+from cldm.model import create_model
 
 N_ITEMS = 64
 
@@ -29,7 +30,7 @@ def _args(workspace: Path, data: str, out: Path, *extra: str) -> list[str]:
 
 def _batches(data: str, count: int, *extra: str) -> list[dict[str, Any]]:
     args = tutorial_train.parse_args(["--data", data, "--batch_size", "4", *extra])
-    loader = iter(tutorial_train.training_data(args, torch.nn.Module()).loader)
+    loader = iter(tutorial_train.training_data(args, create_model(TINY)).loader)  # deferred: nothing initialised
     return [next(loader) for _ in range(count)]
 
 

@@ -147,6 +147,9 @@ def test_prompts_to_eps_through_the_one_path(sgm_model: Any, unet_ref: Any, text
             sgm_model.control_model = sgm_model_control
     assert rel_err(plain, unet_tensors["e2e.eps"]) < TOLERANCE
     assert rel_err(controlled, unet_tensors["e2e.eps"]) < TOLERANCE
+    with torch.no_grad():  # the original's form: get_learned_conditioning's output in c_crossattn as it is
+        whole = sgm_model.apply_model(x, t, {"c_crossattn": [cond], "c_concat": None})
+    assert torch.equal(whole, plain)
 
 
 def _random_control(model: Any, seed: int) -> Any:
@@ -225,6 +228,10 @@ def test_tiny_sdxl_add_control_train_resume_export_generate_as_a_user_runs_them(
                    str(tmp_path / "data"), "--out", str(out), "--batch_size", "2", "--learning_rate", "1e-3",
                    "--logger_freq", "100", "--save_every", "2", *extra)
 
+    import tutorial_train
+
+    assert tutorial_train.main(["--config", str(XL_TINY), "--resume_path", str(ini), "--data", str(tmp_path / "data"),
+                                "--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]) == 2
     train(tmp_path / "full", "--max_steps", "4")
     train(tmp_path / "part", "--max_steps", "2")
     train(tmp_path / "part", "--max_steps", "4", "--resume")
@@ -413,15 +420,62 @@ def test_items_carry_their_original_size_crop_and_target_size(tmp_path: Path, sg
     assert torch.equal(cond["y"][0], expected["vector"])
 
 
-def test_fidelity_generation_runs_on_sdxl(sgm_model: Any) -> None:
-    """training.fidelity.generate (the fidelity callback's sampler) on SDXL: its images' sizes, zero-text CFG."""
+def test_fidelity_generation_samples_sdxl_with_the_images_sizes_and_zero_text(sgm_model: Any) -> None:
+    """training.fidelity.generate (the fidelity callback's sampler) on SDXL is `sample_latents` with the prompts at
+    the images' own size and SDXL's unconditional (zero text): the same images, bit for bit."""
     import numpy as np
 
-    from training.fidelity import generate
+    from cldm.control import Control
+    from training.fidelity import generate, item_noise
 
-    hints = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
-    images = generate(sgm_model, ["a red circle", "a blue circle"], hints, seed=0, ddim_steps=2, guidance_scale=3.0)
-    assert images.shape == (2, 64, 64, 3) and np.isfinite(images).all()
+    saved = {k: v.clone() for k, v in sgm_model.control_model.state_dict().items()}
+    try:
+        _random_control(sgm_model, 4)
+        hints = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
+        prompts = ["a red circle", "a blue circle"]
+        images = generate(sgm_model, prompts, hints, seed=0, ddim_steps=2, guidance_scale=3.0)
+        with torch.no_grad():
+            sizes = default_sizes(2, 64, 64)
+            x = torch.stack([item_noise((4, 8, 8), 0, i) for i in range(2)])
+            control = Control(sgm_model.control_model, torch.from_numpy(hints).permute(0, 3, 1, 2))
+            z = sgm_model.sample_latents(x, sgm_model.get_learned_conditioning(prompts, sizes), [control],
+                                         sgm_model.get_unconditional_conditioning(2, sizes), 3.0, steps=2)
+            expected = ((sgm_model.decode_first_stage(z).clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
+    finally:
+        sgm_model.control_model.load_state_dict(saved)
+    assert np.array_equal(images, expected)
+
+
+def test_streamed_sdxl_items_keep_their_sizes_in_the_batch(tmp_path: Path) -> None:
+    """A WebDataset stream with size conditioning: every batch carries the three size keys, with the real crop."""
+    import numpy as np
+    from PIL import Image
+
+    from training.geometry import Geometry
+    from training.make_webdataset import shard_pattern, write_shards
+    from training.sources import PromptJsonSource
+    from training.streaming import ShardStream
+
+    (tmp_path / "d" / "source").mkdir(parents=True)
+    (tmp_path / "d" / "target").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(4):
+        for part in ("source", "target"):
+            Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "d" / part / f"{i}.png")
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": "a cat"}))
+    (tmp_path / "d" / "prompt.json").write_text("\n".join(lines) + "\n")
+    shards = shard_pattern(write_shards(PromptJsonSource(tmp_path / "d"), tmp_path / "shards", shard_size=4))
+    stream = ShardStream(shards, batch_size=4, geometry=Geometry(resolution=32, crop="random"), seed=0,
+                         size_conditioning=True)
+    batch = next(iter(stream.loader()))
+    assert batch["original_size_as_tuple"].tolist() == [[64.0, 96.0]] * 4
+    assert batch["target_size_as_tuple"].tolist() == [[32.0, 32.0]] * 4
+    crops = batch["crop_coords_top_left"]
+    assert crops.shape == (4, 2) and (crops[:, 0] == 0).all() and (crops[:, 1] <= 16).all()
+    assert len(set(crops[:, 1].tolist())) > 1
+    plain = next(iter(ShardStream(shards, batch_size=4, geometry=Geometry(resolution=32), seed=0).loader()))
+    assert "crop_coords_top_left" not in plain
 
 
 def test_transfer_control_moves_an_sdxl_control_onto_a_community_model(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def _config_json(config: Any) -> str:
 def model_fingerprint(model: Any, full: bool = False) -> str:
     """A cheap hash of what the cached values depend on: the VAE's and the text encoder's weights and configs.
 
-    Hashed: the class and config of `first_stage_model` and `cond_stage_model` (so e.g. the text encoder's
+    Hashed: the class and config of `first_stage_model` and the text part (so e.g. the text encoder's
     `layer` choice counts), every tensor's name, shape and dtype, and `FINGERPRINT_SAMPLES` evenly spaced
     elements of each tensor. Loading other weights (another checkpoint, a fine-tuned VAE) changes nearly
     every element and so the fingerprint; an edit that touches none of the sampled elements of any tensor
@@ -126,7 +126,7 @@ def model_fingerprint(model: Any, full: bool = False) -> str:
         model.materialize()
     digest = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     configs = getattr(model, "part_configs", {})
-    for part in ("first_stage_model", "cond_stage_model"):
+    for part in ("first_stage_model", model.text_part):
         module = model.get_submodule(part)
         digest.update(f"{part}:{type(module).__module__}.{type(module).__qualname__}".encode())
         digest.update(_config_json(configs.get(part)).encode())
@@ -180,7 +180,7 @@ def build_cache(model: Any, dataset: PairedDataset, cache_dir: str | os.PathLike
     embeddings of prompts not seen before, `shard_size` items per shard. `dataset` is a PairedDataset
     (its `prompt(i)`, after prompt dropout, names the embedding an item uses).
     """
-    if getattr(model, "has_conditioner", False):
+    if model.has_conditioner:
         raise InputError("--cache does not support SDXL yet (its conditioning depends on each item's size too): "
                          "train without --cache")
     start = time.perf_counter()

@@ -209,8 +209,7 @@ def dataset_image_size(data_root: str | Path) -> int:
 # ----- sampling and scoring ----------------------------------------------------------------------------------
 def first_stage_factor(model: Any) -> int:
     """How many image pixels one latent pixel covers: 1 in pixel space, 8 for SD's VAE."""
-    encoder = getattr(model.first_stage_model, "encoder", None)
-    return 1 if encoder is None else 2 ** (encoder.num_resolutions - 1)
+    return model.latent_factor
 
 
 def model_image_size(model: Any) -> int:
@@ -247,11 +246,9 @@ def generate(model: Any, prompts: Sequence[str], hints: np.ndarray | None, seed:
         x = torch.stack([item_noise(shape, seed, i) for i in range(start, stop)]).to(device)
         controls = [] if hints is None else [
             Control(model.control_model, torch.from_numpy(hints[start:stop]).permute(0, 3, 1, 2).float().to(device))]
-        sdxl = bool(getattr(model, "has_conditioner", False))  # its sizes: the images', shown whole
-        sizes = default_sizes(n, size, size) if sdxl else None
+        sizes = default_sizes(n, size, size) if model.has_conditioner else None  # SDXL: the images', shown whole
         z = model.sample_latents(x, model.get_learned_conditioning(list(prompts[start:stop]), sizes), controls,
-                                 model.get_learned_conditioning([""] * n, sizes, zero_text=sdxl), guidance_scale,
-                                 steps=ddim_steps)
+                                 model.get_unconditional_conditioning(n, sizes), guidance_scale, steps=ddim_steps)
         image = model.decode_first_stage(z)
         images.append(((image.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images)

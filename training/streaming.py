@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm.errors import InputError, MissingFileError
+from ldm.modules.encoders.conditioner import SIZE_KEYS
 from training.dataset import place_pair, training_item
 from training.geometry import Geometry
 from training.hints import HintMaker
@@ -277,10 +278,14 @@ class ShardStream(DataOrder, IterableDataset):
             raise DatasetError(f"{wheres[odd]}: is {items[odd]['jpg'].shape[1]}x{items[odd]['jpg'].shape[0]} but "
                                f"{wheres[0]} is {first[1]}x{first[0]}; a batch needs one size: pass --resolution N "
                                "(or --image_size N)")
-        return {"jpg": torch.from_numpy(np.stack([item["jpg"] for item in items])),
-                "hint": torch.from_numpy(np.stack([item["hint"] for item in items])),
-                "txt": [item["txt"] for item in items],
-                POSITION_KEY: torch.tensor(position, dtype=torch.long)}
+        batch = {"jpg": torch.from_numpy(np.stack([item["jpg"] for item in items])),
+                 "hint": torch.from_numpy(np.stack([item["hint"] for item in items])),
+                 "txt": [item["txt"] for item in items],
+                 POSITION_KEY: torch.tensor(position, dtype=torch.long)}
+        for key in SIZE_KEYS:  # SDXL's size conditionings, when the items carry them
+            if key in items[0]:
+                batch[key] = torch.from_numpy(np.stack([item[key] for item in items]))
+        return batch
 
 
 class _StreamLoader(DataLoader):

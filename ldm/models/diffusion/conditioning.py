@@ -48,10 +48,13 @@ def concat_contexts(first: Context, second: Context) -> Context | None:
     return {key: torch.cat([first[key], second[key]]) for key in first}
 
 
-def cat_conditions(parts: list[torch.Tensor], vectors: list[torch.Tensor] | None) -> Context:
+def cat_conditions(parts: list[Context], vectors: list[torch.Tensor] | None) -> Context:
     """The context of the original's condition dict: its `c_crossattn` list joined along the tokens, with the
-    `y` list (SDXL) joined along the channels."""
-    crossattn = torch.cat(parts, 1)
-    if vectors is None:
+    `y` list (SDXL) joined along the channels. An SDXL context may also stand in the `c_crossattn` list as it is
+    (what `get_learned_conditioning` returns): its vector then joins `y`'s."""
+    crossattns = [unet_inputs(part)[0] for part in parts]
+    vectors = [v for part in parts if (v := unet_inputs(part)[1]) is not None] + list(vectors or [])
+    crossattn = torch.cat(crossattns, 1)
+    if not vectors:
         return crossattn
     return {"crossattn": crossattn, "vector": torch.cat(vectors, 1)}

@@ -69,7 +69,7 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 class BatchEncoder(Protocol):
     def __call__(self, model: LatentDiffusion, batch: Mapping[str, Any], key: str, bs: int | None
-                 ) -> tuple[Any, torch.Tensor]:
+                 ) -> tuple[Any, Context]:
         """(the first stage's posterior or latent of the batch's first `bs` images, their text conditioning)."""
         ...
 
@@ -149,7 +149,7 @@ class LatentDiffusion(pl.LightningModule):
         #: SD1.x/2.x checkpoints carry the schedule buffers; SDXL's carry none (sgm saves `denoiser.sigmas`).
         self.schedule_in_checkpoint = schedule_in_checkpoint
         self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s,
-                               v_posterior)
+                               v_posterior, persistent=schedule_in_checkpoint)
 
     @property
     def loss_type(self) -> str:
@@ -171,7 +171,7 @@ class LatentDiffusion(pl.LightningModule):
     # ----- schedule -------------------------------------------------------------------------------------
     def register_schedule(self, given_betas: Any = None, beta_schedule: str = "linear", timesteps: int = 1000,
                           linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3,
-                          v_posterior: float = 0.0) -> None:
+                          v_posterior: float = 0.0, persistent: bool = True) -> None:
         """Register the schedule buffers, computed in float64 and stored as float32 like the original."""
         betas = (given_betas if given_betas is not None
                  else make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s))
@@ -180,7 +180,7 @@ class LatentDiffusion(pl.LightningModule):
         self.linear_start, self.linear_end = linear_start, linear_end
         for name in SCHEDULE_BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device="cpu"),
-                                 persistent=getattr(self, "schedule_in_checkpoint", True))
+                                 persistent=persistent)
         weights = lvlb_weights(values, self.parameterization)
         self.register_buffer("lvlb_weights", torch.tensor(weights, dtype=torch.float32, device="cpu"),
                              persistent=False)
@@ -269,6 +269,12 @@ class LatentDiffusion(pl.LightningModule):
                 out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
         out = out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
         return map_context(out, lambda t: t.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def get_unconditional_conditioning(self, n: int, sizes: Mapping[str, torch.Tensor] | None = None) -> Context:
+        """The empty prompt's context: "" encoded (SD1.x/2.x), or zero text with the size embeddings (SDXL, as sgm
+        and diffusers sample it)."""
+        return self.get_learned_conditioning([""] * n, sizes, zero_text=self.has_conditioner)
 
     @property
     def latent_factor(self) -> int:
@@ -411,10 +417,16 @@ class LatentDiffusion(pl.LightningModule):
         self.materialize()
         return self.frozen_weights.full_precision(super().state_dict(*args, **kwargs), kwargs.get("prefix", ""))
 
+    def loadable(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        """What of a checkpoint this model loads: not the EMA copies released files may carry, not buffers it derives
+        itself (sgm's `denoiser.sigmas`; the schedule buffers, for a model whose checkpoints carry none)."""
+        derived = IGNORED_KEYS if self.schedule_in_checkpoint else IGNORED_KEYS | set(SCHEDULE_BUFFERS)
+        return {k: v for k, v in state_dict.items() if not k.startswith("model_ema.") and k not in derived}
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load a checkpoint's weights; EMA copies (`model_ema.*`) that released checkpoints may carry are dropped,
-        since this model keeps none. A misfit raises torch's `RuntimeError` (ControlLDM explains it in one line)."""
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.") and k not in IGNORED_KEYS}
+        """Load a checkpoint's weights (what `loadable` keeps of it). A misfit raises torch's `RuntimeError`
+        (ControlLDM explains it in one line)."""
+        state_dict = self.loadable(state_dict)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.deferred.loaded(state_dict.keys())
         self.materialize()

@@ -34,10 +34,6 @@ def combine_guidance(out_uncond: torch.Tensor, out_cond: torch.Tensor, scale: fl
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def _concat_tensors(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
-    return torch.cat([a, b]) if a.shape[1:] == b.shape[1:] else None
-
-
 def _is_condition_dict(cond: Any) -> bool:
     """The original's `{'c_crossattn': [...], 'c_concat': [...] or None}` (lists), not an SDXL context (tensors)."""
     return isinstance(cond, Mapping) and all(v is None or isinstance(v, (list, tuple)) for v in cond.values())
@@ -61,7 +57,7 @@ def concat_conditions(first: Any, second: Any) -> Any:
             continue
         if a is None or b is None or len(a) != len(b):
             return None
-        parts = [_concat_tensors(x, y) for x, y in zip(a, b)]
+        parts = [concat_contexts(x, y) for x, y in zip(a, b)]
         if any(part is None for part in parts):
             return None
         merged[key] = parts

@@ -212,7 +212,7 @@ class UNetEncoderSpec:
             raise InputError("num_classes: sequential and adm_in_channels (the width of the vector y) go together")
         self.res_blocks_per_level = self._per_level("num_res_blocks", self.num_res_blocks)
         self.depth_per_level = self._per_level("transformer_depth", self.transformer_depth)
-        if self.context_dim is not None and not isinstance(self.context_dim, int):
+        if not isinstance(self.context_dim, int):  # the original YAMLs may give it as a one-element list
             self.context_dim = list(self.context_dim)[0]
 
     def _per_level(self, name: str, value: int | Sequence[int]) -> list[int]:

@@ -36,8 +36,11 @@ def default_sizes(batch: int, height: int, width: int) -> dict[str, torch.Tensor
 def sizes_of(batch: Mapping[str, Any], n: int, height: int, width: int) -> dict[str, torch.Tensor]:
     """The first `n` items' size conditionings: the batch's own (the data pipeline's, see
     `training.dataset.training_item`), else `default_sizes` of the images' (height, width)."""
-    if all(key in batch for key in SIZE_KEYS):
+    present = [key for key in SIZE_KEYS if key in batch]
+    if len(present) == len(SIZE_KEYS):
         return {key: torch.as_tensor(batch[key][:n]).float() for key in SIZE_KEYS}
+    if present:
+        raise InputError(f"the batch has {', '.join(present)} but not all of {', '.join(SIZE_KEYS)}")
     return default_sizes(n, height, width)
 
 
@@ -86,10 +89,6 @@ class GeneralConditioner(nn.Module):
                 embedder.requires_grad_(False)
             self.embedders.append(embedder)
             self.input_keys.append(key)
-
-    @property
-    def text_embedders(self) -> list[nn.Module]:
-        return [e for e, key in zip(self.embedders, self.input_keys) if key == "txt"]
 
     def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] = ()) -> dict[str, torch.Tensor]:
         """The conditionings of `batch`; the embedders reading a key in `force_zero_embeddings` give zeros instead

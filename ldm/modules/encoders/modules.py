@@ -423,6 +423,6 @@ class FrozenOpenCLIPEmbedder2(FrozenOpenCLIPEmbedder):
         tokens = tokens.to(self.device)
         blocks = len(self.model.transformer.resblocks)
         penultimate = self.model.run_blocks(tokens, blocks - 1)
-        final = self.model.ln_final(self.model.transformer.resblocks[-1](penultimate))
-        context = penultimate if self.layer == "penultimate" else final
-        return context, self.model.pooled(tokens, final)
+        last = self.model.transformer.resblocks[-1](penultimate)
+        context = penultimate if self.layer == "penultimate" else last  # neither through ln_final, as sgm's
+        return context, self.model.pooled(tokens, self.model.ln_final(last))
