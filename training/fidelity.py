@@ -207,14 +207,9 @@ def dataset_image_size(data_root: str | Path) -> int:
 
 
 # ----- sampling and scoring ----------------------------------------------------------------------------------
-def first_stage_factor(model: Any) -> int:
-    """How many image pixels one latent pixel covers: 1 in pixel space, 8 for SD's VAE."""
-    return model.latent_factor
-
-
 def model_image_size(model: Any) -> int:
     """The image side a model was configured for (its latent size times the first stage's factor)."""
-    return int(model.image_size) * first_stage_factor(model)
+    return int(model.image_size) * model.latent_factor
 
 
 def item_noise(shape: Sequence[int], seed: int, index: int) -> torch.Tensor:
@@ -234,7 +229,7 @@ def generate(model: Any, prompts: Sequence[str], hints: np.ndarray | None, seed:
     """
     model.materialize()
     device = model.betas.device
-    factor = first_stage_factor(model)
+    factor = model.latent_factor  # 1 in pixel space, 8 for SD's VAE
     size = model_image_size(model) if hints is None else hints.shape[1]
     if size % factor:
         raise InputError(f"image size {size} is not a multiple of the first stage's factor {factor}")
