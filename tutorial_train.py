@@ -8,6 +8,9 @@ resized and cropped (`--resolution`) or bucketed by aspect ratio (`--buckets`).
 The flow is the original tutorial's: create_model -> load_state_dict -> dataset -> DataLoader -> ImageLogger ->
 Trainer.fit. With no arguments it trains SD1.5 + ControlNet on ./training/fill50k from
 ./models/control_sd15_ini.ckpt, batch 4, learning rate 1e-5, images logged every 300 steps.
+
+Stopped by SIGTERM (a cluster's preemption, `kill`), it saves `last.ckpt` between steps and exits with status 143;
+the same command with `--resume` continues exactly.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from cldm.checkpoint import load_weights
@@ -52,6 +56,9 @@ from training.order import BucketBatchSampler, DataOrder, ResumableSampler
 from training.rewards import measure_from_name
 from training.sources import FORMATS, Columns, detect_format
 from training.streaming import ShardStream
+
+#: A run stopped by SIGTERM exits as a process killed by it would (128 + 15), after saving: not a success.
+SIGTERM_STATUS = 143
 
 
 def positive_int(text: str) -> int:
@@ -222,9 +229,6 @@ def training_data(args: argparse.Namespace, model: ControlLDM) -> TrainingData:
     data_format = args.data_format or detect_format(Path(args.data))
     pin_memory = torch.cuda.is_available()
     size_conditioning = model.has_conditioner  # SDXL: each item's size and crop
-    if args.cache and size_conditioning:
-        raise InputError("--cache does not support SDXL yet (its conditioning depends on each item's size too): "
-                         "train without --cache")
     if data_format == "webdataset":
         if args.cache:
             raise InputError("--cache encodes a data set on disk once; streamed shards are encoded as they come: "
@@ -356,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit(model, data.loader, ckpt_path=str(resume_from) if resuming else None, weights_only=True)
     except TrainingDiverged as err:
         raise TrainingDiverged(f"{err}; {last_checkpoint.status()}") from err
+    except SIGTERMException:  # Lightning's: raised between steps after a SIGTERM, once LastCheckpoint has saved
+        print(f"stopped by SIGTERM at step {trainer.global_step}; {last_checkpoint.status()}; continue with the "
+              "same command and --resume", file=sys.stderr)
+        return SIGTERM_STATUS
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoint {last}; image grids in {out / 'image_log'}")
         if data.skipped():

@@ -1,8 +1,11 @@
 """GPU benchmarks: SD1.5 ControlNet training at 512 px in bf16-mixed, ours vs diffusers; memory; generation.
+SDXL (`--family sdxl`): ControlNet training at 1024 px from cached latents and text, ours vs diffusers.
 
 Run on a CUDA machine (nothing is downloaded; both contenders have random weights):
 
     python -m benchmarks.bench_gpu --out benchmarks/results/gpu.json
+    python -m benchmarks.bench_gpu --family sdxl --size 1024 --out benchmarks/results/gpu_sdxl.json
+    python -m benchmarks.bench_gpu --family sdxl --tiny --dry_run_cpu --child train --cached --impl diffusers
 
 Each measurement runs in its own process, so `torch.cuda.max_memory_allocated` is its own. Training
 contenders do diffusers' `train_controlnet.py --mixed_precision bf16` step: the frozen UNet, VAE and text
@@ -12,6 +15,12 @@ UNet with residuals, MSE, backward, AdamW. Ours holds its frozen weights in bf16
 
 Reported: seconds per step (median of CUDA-synchronised steps after warm-up), samples/s, peak allocated
 memory, FLOPs per step (FlopCounterMode) and their share of the measured bf16 matmul peak.
+
+SDXL runs as diffusers' `train_controlnet_sdxl.py` trains (it precomputes the text embeddings) with the latents
+cached too, as `tutorial_train.py --cache` does: each step is noise, ControlNet (10 residuals, `label_emb` of the
+pooled text and the size embeddings), UNet, MSE, backward and the optimizer, in bf16 autocast with the frozen UNet
+in bf16 and the ControlNet in fp32. The two networks are the same size in both (2,567,463,684 and 1,251,014,160
+parameters, checked when built); `--tiny` takes the tiny SDXL config, to check the script on a CPU.
 """
 
 from __future__ import annotations
@@ -34,6 +43,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import emit_result, run_child
 
 CONFIG = "models/cldm_v15.yaml"
+#: --family sdxl: our config, and diffusers' UNet (stabilityai/stable-diffusion-xl-base-1.0 unet/config.json).
+SDXL_CONFIG, SDXL_TINY_CONFIG = "models/cldm_xl.yaml", "models/cldm_xl_tiny.yaml"
+SDXL_UNET: dict[str, Any] = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280], "layers_per_block": 2, "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "act_fn": "silu",
+}
+#: models/cldm_xl_tiny.yaml's UNet in diffusers' terms (context 32, pooled text 24, size embeddings 6 x 8).
+SDXL_TINY_UNET: dict[str, Any] = {
+    **SDXL_UNET, "sample_size": 8, "block_out_channels": [32, 64, 64], "transformer_layers_per_block": [0, 1, 2],
+    "attention_head_dim": [2, 4, 4], "cross_attention_dim": 32, "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 72,
+}
+#: SDXL's VAE scale (sd_xl_base.yaml's scale_factor).
+SDXL_LATENT_SCALE = 0.13025
 PROMPT = "cornflower blue circle with dark salmon background"
 GiB = 1024**3
 Step = Callable[[dict[str, Any]], torch.Tensor]
@@ -71,13 +99,24 @@ def bf16_peak_tflops(n: int = 8192, repeats: int = 10) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def make_batch(batch: int, size: int, cached: bool, seed: int = 0) -> dict[str, Any]:
+def make_batch(batch: int, size: int, cached: bool, seed: int = 0, family: str = "sd15", tiny: bool = False
+               ) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
     items: dict[str, Any] = {"hint": (torch.rand(batch, size, size, 3, generator=g) > 0.9).float(),
                              "txt": [PROMPT] * batch}
-    if cached:  # what training/cache.py hands the step: posterior moments and prompt embeddings
-        items["latent_moments"] = torch.randn(batch, 8, size // 8, size // 8, generator=g)
+    if family == "sdxl":  # what training/cache.py hands an SDXL step: two-encoder text, pooled text and sizes
+        if not cached:
+            raise SystemExit("error: the SDXL benchmark trains from cached latents and text: add --cached")
+        width, pooled = (32, 24) if tiny else (2048, 1280)
+        items["context"] = {"crossattn": torch.randn(batch, 77, width, generator=g),
+                            "vector": torch.randn(batch, pooled, generator=g)}
+        sizes = torch.tensor([[float(size), float(size)]]).repeat(batch, 1)
+        items.update({"original_size_as_tuple": sizes, "crop_coords_top_left": torch.zeros(batch, 2),
+                      "target_size_as_tuple": sizes.clone()})
+    elif cached:  # what training/cache.py hands the step: posterior moments and prompt embeddings
         items["context"] = torch.randn(batch, 77, 768, generator=g)
+    if cached:
+        items["latent_moments"] = torch.randn(batch, 8, size // 8, size // 8, generator=g)
     else:
         items["jpg"] = torch.rand(batch, size, size, 3, generator=g) * 2 - 1
     return items
@@ -85,17 +124,20 @@ def make_batch(batch: int, size: int, cached: bool, seed: int = 0) -> dict[str, 
 
 # ----- ours --------------------------------------------------------------------------------------------------
 def build_ours(checkpointing: bool, optimizer: str, cached: bool, channels_last: bool = False,
-               compile_nets: bool = False) -> Step:
+               compile_nets: bool = False, family: str = "sd15", tiny: bool = False) -> Step:
     from cldm.model import create_model
+    from training.cache import cached_batch_encoder
 
-    model = create_model(CONFIG).to(DEVICE)
+    config = CONFIG if family == "sd15" else SDXL_TINY_CONFIG if tiny else SDXL_CONFIG
+    model = create_model(config).to(DEVICE)
     with torch.device(DEVICE):
         model.materialize()
     for module in model.modules():
         if hasattr(module, "use_checkpoint"):
             module.use_checkpoint = checkpointing
     model.hold_frozen_weights_in(torch.bfloat16)
-    if cached:
+    if cached:  # as tutorial_train.py --cache: latents and text from the batch, encoders off the GPU
+        model.batch_encoder = cached_batch_encoder
         model.place_encoders("cpu")
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -120,7 +162,9 @@ def build_ours(checkpointing: bool, optimizer: str, cached: bool, channels_last:
 
 # ----- diffusers (examples/controlnet/train_controlnet.py, --mixed_precision bf16) ----------------------------
 def build_diffusers(checkpointing: bool, optimizer: str, cached: bool, channels_last: bool = False,
-                    compile_nets: bool = False) -> Step:
+                    compile_nets: bool = False, family: str = "sd15", tiny: bool = False) -> Step:
+    if family == "sdxl":
+        return build_diffusers_sdxl(checkpointing, optimizer, channels_last, compile_nets, tiny)
     from benchmarks import diffusers_sd
 
     with torch.device(DEVICE):
@@ -141,12 +185,7 @@ def build_diffusers(checkpointing: bool, optimizer: str, cached: bool, channels_
     if checkpointing:
         parts.controlnet.enable_gradient_checkpointing()
         parts.unet.enable_gradient_checkpointing()
-    if optimizer == "adamw8bit":  # the example's --use_8bit_adam
-        import bitsandbytes
-
-        opt: torch.optim.Optimizer = bitsandbytes.optim.AdamW8bit(parts.controlnet.parameters(), lr=1e-5)
-    else:  # the example's default: torch's AdamW with its default (foreach) implementation
-        opt = torch.optim.AdamW(parts.controlnet.parameters(), lr=1e-5, fused=optimizer == "adamw-fused" or None)
+    opt = diffusers_optimizer(optimizer, parts.controlnet.parameters())
     scheduler = diffusers_sd.ddpm_scheduler()
     tokenizer = diffusers_sd.clip_tokenizer(Path(tempfile.mkdtemp(prefix="clip_tok_")))
 
@@ -163,20 +202,85 @@ def build_diffusers(checkpointing: bool, optimizer: str, cached: bool, channels_
                 ids = tokenizer(list(batch["txt"]), padding="max_length", max_length=77, truncation=True,
                                 return_tensors="pt").input_ids.to(DEVICE)
                 hidden = parts.text_encoder(ids, return_dict=False)[0]
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, 1000, (latents.shape[0],), device=DEVICE).long()
-            noisy = scheduler.add_noise(latents, noise, t)
-            cond = batch["hint"].to(DEVICE).permute(0, 3, 1, 2).to(weight_dtype)
-            down, mid = parts.controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond,
-                                         return_dict=False)
-            pred = parts.unet(noisy, t, encoder_hidden_states=hidden,
-                              down_block_additional_residuals=[r.to(weight_dtype) for r in down],
-                              mid_block_additional_residual=mid.to(weight_dtype), return_dict=False)[0]
-            loss = F.mse_loss(pred.float(), noise.float(), reduction="mean")
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+            loss = diffusers_loss(parts.controlnet, parts.unet, scheduler, latents, hidden, batch["hint"])
+        return optimizer_step(loss, opt)
+
+    return step
+
+
+def diffusers_loss(controlnet: Any, unet: Any, scheduler: Any, latents: torch.Tensor, hidden: torch.Tensor,
+                   hint: torch.Tensor, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The examples' loss from latents and text (under autocast): noise at a random t, the ControlNet, the UNet
+    with its residuals (in the frozen weights' bf16), MSE against the noise. `added`: SDXL's added_cond_kwargs."""
+    weight_dtype = torch.bfloat16
+    extra = {} if added is None else {"added_cond_kwargs": added}
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, 1000, (latents.shape[0],), device=DEVICE).long()
+    noisy = scheduler.add_noise(latents, noise, t)
+    cond = hint.to(DEVICE).permute(0, 3, 1, 2).to(weight_dtype)
+    down, mid = controlnet(noisy, t, encoder_hidden_states=hidden, controlnet_cond=cond, return_dict=False, **extra)
+    pred = unet(noisy, t, encoder_hidden_states=hidden, down_block_additional_residuals=[r.to(weight_dtype)
+                                                                                           for r in down],
+                mid_block_additional_residual=mid.to(weight_dtype), return_dict=False, **extra)[0]
+    return F.mse_loss(pred.float(), noise.float(), reduction="mean")
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer) -> torch.Tensor:
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def diffusers_optimizer(optimizer: str, params: Any) -> torch.optim.Optimizer:
+    if optimizer == "adamw8bit":  # the examples' --use_8bit_adam
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=1e-5)
+    # the examples' default: torch's AdamW with its default (foreach) implementation
+    return torch.optim.AdamW(params, lr=1e-5, fused=optimizer == "adamw-fused" or None)
+
+
+# ----- diffusers SDXL (examples/controlnet/train_controlnet_sdxl.py, --mixed_precision bf16) -----------------
+def build_diffusers_sdxl(checkpointing: bool, optimizer: str, channels_last: bool, compile_nets: bool,
+                         tiny: bool) -> Step:
+    """The SDXL example's step from precomputed text embeddings and cached latents (see the module docstring)."""
+    from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        unet = UNet2DConditionModel(**(SDXL_TINY_UNET if tiny else SDXL_UNET))
+        controlnet = ControlNetModel.from_unet(unet)
+    if not tiny:  # the same networks as ours, not merely alike
+        sizes = [sum(p.numel() for p in net.parameters()) for net in (unet, controlnet)]
+        assert sizes == [2_567_463_684, 1_251_014_160], sizes
+    weight_dtype = torch.bfloat16
+    unet.requires_grad_(False)
+    unet.to(dtype=weight_dtype)
+    if channels_last:
+        for net in (unet, controlnet):
+            net.to(memory_format=torch.channels_last)
+    if compile_nets:
+        unet.compile()
+        controlnet.compile()
+    controlnet.train()
+    if checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+    opt = diffusers_optimizer(optimizer, controlnet.parameters())
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+
+    def step(batch: dict[str, Any]) -> torch.Tensor:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            mean, logvar = batch["latent_moments"].to(DEVICE).chunk(2, dim=1)
+            latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * SDXL_LATENT_SCALE
+            hidden = batch["context"]["crossattn"].to(DEVICE, weight_dtype)
+            time_ids = torch.cat([batch[k] for k in ("original_size_as_tuple", "crop_coords_top_left",
+                                                     "target_size_as_tuple")], dim=1).to(DEVICE)
+            added = {"text_embeds": batch["context"]["vector"].to(DEVICE), "time_ids": time_ids}
+            loss = diffusers_loss(controlnet, unet, scheduler, latents, hidden, batch["hint"], added)
+        return optimizer_step(loss, opt)
 
     return step
 
@@ -199,10 +303,11 @@ def timed_steps(step: Step, batch: dict[str, Any], warmup: int, steps: int) -> l
 
 def train_child(args: argparse.Namespace) -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    step = BUILDERS[args.impl](args.checkpointing, args.optimizer, args.cached, args.channels_last, args.compile)
+    step = BUILDERS[args.impl](args.checkpointing, args.optimizer, args.cached, args.channels_last, args.compile,
+                               args.family, args.tiny)
     weights_gib = torch.cuda.memory_allocated() / GiB if DEVICE == "cuda" else float("nan")
     reset_peak()
-    result: dict[str, Any] = {"impl": args.impl, "batch": args.batch, "size": args.size,
+    result: dict[str, Any] = {"impl": args.impl, "family": args.family, "batch": args.batch, "size": args.size,
                               "checkpointing": args.checkpointing, "optimizer": args.optimizer,
                               "cached": args.cached, "channels_last": args.channels_last,
                               "compile": args.compile, "weights_gib": weights_gib}
@@ -210,7 +315,7 @@ def train_child(args: argparse.Namespace) -> None:
         result["max_batch"] = largest_batch(step, args)
         emit_result(result)
         return
-    batch = make_batch(args.batch, args.size, args.cached)
+    batch = make_batch(args.batch, args.size, args.cached, family=args.family, tiny=args.tiny)
     times = timed_steps(step, batch, args.warmup, args.steps)
     result["peak_gib"] = peak_gib()
     result["s_per_step"] = statistics.median(times)
@@ -240,7 +345,8 @@ def largest_batch(step: Step, args: argparse.Namespace) -> dict[str, Any]:
     best: dict[str, Any] = {}
     for size in args.max_batch:
         try:
-            times = timed_steps(step, make_batch(size, args.size, args.cached), 1, 1)
+            times = timed_steps(step, make_batch(size, args.size, args.cached, family=args.family, tiny=args.tiny),
+                                1, 1)
         except torch.OutOfMemoryError:
             break
         best = {"batch": size, "s_per_step": times[0], "peak_gib": peak_gib()}
@@ -323,6 +429,8 @@ def generate_child(args: argparse.Namespace) -> None:
 
 # ----- parent -----------------------------------------------------------------------------------------------
 def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    if args.family == "sdxl":
+        return sdxl_plan(args)
     size, b = str(args.size), str(args.batch)
     runs = []
     for impl, opt in (("ours", "adamw"), ("diffusers", "adamw"), ("diffusers", "adamw-fused")):
@@ -348,6 +456,22 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                                      "--steps", "3", "--profile", str(Path(args.out or ".").parent / "profile.txt")]))
     for impl in ("ours", "diffusers"):
         runs.append((f"generate {impl}", ["--child", "generate", "--impl", impl, "--size", size]))
+    return [r for r in runs if not args.only or any(word in r[0] for word in args.only)]
+
+
+def sdxl_plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """SDXL at `--size` (1024): batch 1 in the least memory, a larger batch for speed, the largest batch."""
+    common = ["--child", "train", "--family", "sdxl", "--size", str(args.size), "--cached", "--checkpointing"]
+    runs = []
+    for impl in ("ours", "diffusers"):
+        for opt in ("adamw8bit", "adamw"):
+            runs.append((f"sdxl lowmem {impl} {opt} b1 cached ckpt",
+                         [*common, "--impl", impl, "--optimizer", opt, "--batch", "1", "--steps", "5"]))
+        runs.append((f"sdxl train {impl} adamw b{args.batch} cached ckpt",
+                     [*common, "--impl", impl, "--batch", str(args.batch), "--steps", "5", "--flops"]))
+    for impl in ("ours", "diffusers"):
+        runs.append((f"sdxl maxbatch {impl} cached ckpt", [*common, "--impl", impl, "--max_batch", "8", "16", "24",
+                                                           "32", "48"]))
     return [r for r in runs if not args.only or any(word in r[0] for word in args.only)]
 
 
@@ -390,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", help="parent: run only plans whose name contains one of these words")
     p.add_argument("--out", help="parent: write results as JSON here")
     p.add_argument("--dry_run_cpu", action="store_true", help="child: run on the CPU to check the script only")
+    p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    p.add_argument("--tiny", action="store_true", help="sdxl: the tiny config (to check the script on a CPU)")
     args = p.parse_args(argv)
     global DEVICE
     if args.dry_run_cpu:

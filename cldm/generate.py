@@ -42,7 +42,7 @@ from ldm.errors import DEBUG_HELP, InputError, MissingFileError, command_line
 PNG_KEY = "controlnet"
 RECORD_VERSION = 1
 RUN_DEFAULTS: dict[str, Any] = {
-    "negative_prompt": "", "width": 512, "height": 512, "steps": 20, "cfg_scale": DEFAULT_CFG_SCALE,
+    "negative_prompt": "", "width": None, "height": None, "steps": 20, "cfg_scale": DEFAULT_CFG_SCALE,
     "seed": 0, "sampler": "ddim", "eta": 0.0, "batch_size": 1, "low_vram": False,
     "original_size": None, "crop_top_left": None, "target_size": None,
 }
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("generation")
     run.add_argument("--prompt")
     run.add_argument("--negative_prompt")
-    run.add_argument("--width", type=int)
-    run.add_argument("--height", type=int)
+    run.add_argument("--width", type=int, help="default: the model's own size (512 for SD1.5/2.1, 1024 for SDXL)")
+    run.add_argument("--height", type=int, help="default: the model's own size")
     run.add_argument("--steps", type=int)
     run.add_argument("--cfg_scale", type=float, help=f"default {DEFAULT_CFG_SCALE}, the original demos' value")
     run.add_argument("--seed", type=int, help="default 0; -1 picks one at random (and records it)")

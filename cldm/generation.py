@@ -367,12 +367,14 @@ class ControlNetPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt: str, units: Sequence[ControlUnit] = (), negative_prompt: str = "",
-                 width: int = 512, height: int = 512, steps: int = 20, cfg_scale: float = DEFAULT_CFG_SCALE,
+                 width: int | None = None, height: int | None = None, steps: int = 20,
+                 cfg_scale: float = DEFAULT_CFG_SCALE,
                  seed: int = 0, sampler: str = "ddim", eta: float = 0.0, batch_size: int = 1,
                  low_vram: bool = False, progress: bool = True, original_size: tuple[int, int] | None = None,
                  crop_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None
                  ) -> GenerationResult:
-        """Generate `batch_size` images of `width x height` for `prompt`, steered by `units`.
+        """Generate `batch_size` images of `width x height` for `prompt`, steered by `units`; the size defaults to
+        the model's own (its config's `image_size` in pixels: 512 for SD1.5 and SD2.1, 1024 for SDXL).
 
         `eta` is DDIM's noise (0: deterministic); DPM++ 2M is deterministic and ignores it. The initial
         noise comes from a CPU generator seeded with `seed`, so it is the same on every device.
@@ -381,6 +383,8 @@ class ControlNetPipeline:
         size, and `crop_top_left` as (top, left), default (0, 0), as diffusers' defaults. An empty negative prompt
         is SDXL's zero text embedding (sgm's and diffusers' `force_zeros_for_empty_prompt`); SD1.x/2.x encode "".
         """
+        native = self.model.image_size * self.latent_factor()
+        width, height = native if width is None else width, native if height is None else height
         self._check_request(width, height, steps, sampler, batch_size)
         indices = [self.control_index(unit.model) for unit in units]
         maps = [self.control_map(unit, width, height) for unit in units]

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from launcher import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +138,7 @@ def tiny_inputs(batch: int = 2, seed: int = 0, size: int = 8) -> dict[str, torch
 
 # ----- training as a user runs it ---------------------------------------------------------------------------
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_command(args, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     return result
 
@@ -180,5 +180,4 @@ def train_args(workspace: Path, out: Path, *extra: str) -> list[str]:
 
 
 def run_train(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tutorial_train.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return run_command([str(ROOT / "tutorial_train.py"), *args], cwd=ROOT)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import diffusers  # a test dependency (pip install -e .[test]): these tests neve
 import pytest
 import torch
 from conftest import REFERENCE_DIR, ROOT, TINY, rel_err
+from launcher import run_command
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -263,9 +262,8 @@ def test_generation_reads_every_layout(trained: dict[str, Path], layout: str) ->
 
 def test_add_control_starts_from_an_existing_control(trained: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "ini.ckpt"
-    result = subprocess.run([sys.executable, "tool_add_control.py", str(trained["base"]), str(out), "--config", TINY,
-                             "--control", str(trained["diffusers"])], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result = run_command(["tool_add_control.py", str(trained["base"]), str(out), "--config", TINY,
+                          "--control", str(trained["diffusers"])], cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     made, full = load_state_dict(out), load_state_dict(trained["full"])
     assert made.keys() == full.keys()
@@ -338,8 +336,8 @@ def test_a_diffusers_pipeline_is_a_base_for_add_control_and_computes_what_diffus
     from cldm.model import create_model
 
     out = tmp_path / "ini.ckpt"
-    result = subprocess.run([sys.executable, "tool_add_control.py", str(pipeline_folder), str(out), "--config", TINY],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_command(["tool_add_control.py", str(pipeline_folder), str(out), "--config", TINY], cwd=ROOT,
+                         timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     model = create_model(TINY)
     model.load_state_dict(load_state_dict(out))

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from launcher import run_command
 
 from training.make_fill50k import (
     MIN_COLOR_DISTANCE,
@@ -102,9 +101,9 @@ def test_refuses_non_empty_dir_unless_overwrite(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_refusal_is_one_line(tmp_path: Path) -> None:
     out = tmp_path / "set"
-    command = [sys.executable, str(REPO / "training" / "make_fill50k.py"), "--out", str(out)]
-    ok = subprocess.run([*command, "--n", "2", "--size", "16"], capture_output=True, text=True)
+    command = [str(REPO / "training" / "make_fill50k.py"), "--out", str(out)]
+    ok = run_command([*command, "--n", "2", "--size", "16"], cwd=tmp_path)
     assert ok.returncode == 0 and (out / "target" / "1.png").exists()
-    refused = subprocess.run([*command, "--n", "2", "--size", "16"], capture_output=True, text=True)
+    refused = run_command([*command, "--n", "2", "--size", "16"], cwd=tmp_path)
     assert refused.returncode != 0
     assert len(refused.stderr.strip().splitlines()) == 1 and "--overwrite" in refused.stderr

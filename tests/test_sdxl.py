@@ -72,6 +72,7 @@ def test_full_size_config_has_the_real_checkpoints_names_and_shapes() -> None:
     assert {k: shapes[k] for k in expected if shapes[k] != expected[k]} == {}
     assert model.control_model.num_residuals == 10
     assert family_of(2048).name == "SDXL"
+    assert model.image_size * model.latent_factor == 1024  # what generation defaults to (SD1.5's config: 512)
 
 
 def test_real_files_extra_buffers_are_tolerated(sgm_model: Any) -> None:
@@ -201,12 +202,19 @@ def test_vector_is_required_and_refused_where_it_must_be(sgm_model: Any) -> None
         sgm_model.conditioner({"txt": ["a"]})
 
 
+def _logged_losses(out: Path) -> torch.Tensor:
+    import csv
+
+    with open(next(out.glob("logs/version_*/metrics.csv")), newline="") as f:
+        return torch.tensor([float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")])
+
+
 @pytest.mark.slow
 def test_tiny_sdxl_add_control_train_resume_export_generate_as_a_user_runs_them(tmp_path: Path) -> None:
     """tool_add_control.py on an SDXL base (sgm's extra `denoiser.sigmas` in it) -> tutorial_train.py, stopped and
-    resumed -> tool_export_control.py -> cldm.generate: the ControlNet starts as the UNet's encoder (label_emb
-    included), the locked SDXL weights stay bit for bit, the resumed run equals the uninterrupted one, and the
-    exported control generates on its base with the micro-conditioning recorded."""
+    resumed, and with --cache -> tool_export_control.py -> cldm.generate: the ControlNet starts as the UNet's encoder
+    (label_emb included), the locked SDXL weights stay bit for bit, the resumed run equals the uninterrupted one, the
+    cached run has its losses, and the exported control generates on its base with the micro-conditioning recorded."""
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
@@ -228,15 +236,17 @@ def test_tiny_sdxl_add_control_train_resume_export_generate_as_a_user_runs_them(
                    str(tmp_path / "data"), "--out", str(out), "--batch_size", "2", "--learning_rate", "1e-3",
                    "--logger_freq", "100", "--save_every", "2", *extra)
 
-    import tutorial_train
-
-    assert tutorial_train.main(["--config", str(XL_TINY), "--resume_path", str(ini), "--data", str(tmp_path / "data"),
-                                "--out", str(tmp_path / "cached"), "--cache", str(tmp_path / "cache")]) == 2
     train(tmp_path / "full", "--max_steps", "4")
+    train(tmp_path / "cached", "--max_steps", "4", "--cache", str(tmp_path / "cache"))
     train(tmp_path / "part", "--max_steps", "2")
     train(tmp_path / "part", "--max_steps", "4", "--resume")
     full, part = load_state_dict(tmp_path / "full" / "last.ckpt"), load_state_dict(tmp_path / "part" / "last.ckpt")
     assert [k for k in full if not torch.equal(full[k], part[k])] == []
+    # The cached run (no VAE or text encoder in its steps) has the uncached run's losses, step for step. (Not its
+    # weights to float tolerance: Adam's first steps turn rounding-level gradient differences into lr-sized ones.)
+    losses = [_logged_losses(tmp_path / run) for run in ("full", "cached")]
+    assert len(losses[0]) == 4
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
     moved = [k for k in initial if not torch.equal(initial[k], full[k])]
     assert moved and all(k.startswith("control_model.") for k in moved)
     create_model(XL_TINY).load_state_dict(full)
@@ -314,10 +324,24 @@ def test_micro_conditioning_is_refused_for_sd() -> None:
 
 
 # ----- export: diffusers' own ControlNetModel computes our 10 residuals ---------------------------------------
-def test_diffusers_folder_of_an_sdxl_control_gives_our_residuals(sgm_model: Any, tmp_path: Path) -> None:
+def _diffusers_unet(model: Any, config: dict[str, Any]) -> Any:
+    """`model`'s UNet as a diffusers UNet2DConditionModel, converted by diffusers' own single-file code."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("model.diffusion_model.")}
+    unet = diffusers.UNet2DConditionModel(**config)
+    missing, unexpected = unet.load_state_dict(convert_ldm_unet_checkpoint(state, unet.config), strict=False)
+    assert (missing, unexpected) == ([], [])
+    return unet.eval()
+
+
+def test_diffusers_folder_of_an_sdxl_control_gives_our_residuals(sgm_model: Any, unet_ref: Any,
+                                                                  tmp_path: Path) -> None:
     """Our tiny SDXL ControlNet -> `tool_export_control.py --format diffusers` -> diffusers.ControlNetModel: the same
     10 residuals (its add_embedding from our label_emb: the folder is complete, unlike diffusers' own single-file
-    conversion of such a file); read back, the folder is our ControlNet bit for bit."""
+    conversion of such a file), and with them diffusers' UNet2DConditionModel gives our controlled output; read
+    back, the folder is our ControlNet bit for bit."""
     import diffusers
 
     import tool_export_control
@@ -347,6 +371,15 @@ def test_diffusers_folder_of_an_sdxl_control_gives_our_residuals(sgm_model: Any,
         assert len(ours) == len([*down, mid]) == 10
         for i, (a, b) in enumerate(zip(ours, [*down, mid])):
             assert rel_err(b, a) < TOLERANCE, i
+        # The controlled output: diffusers' UNet (the tiny SDXL UNet as diffusers' own converter makes it) steered
+        # by those residuals equals our controlled UNet's eps.
+        unet = _diffusers_unet(sgm_model, unet_ref[0]["diffusers_config"])
+        with torch.no_grad():
+            eps = sgm_model.apply_model(x, t, {"c_crossattn": [context], "c_concat": [hint], "y": [y]})
+            their_eps = unet(x, t, encoder_hidden_states=context, return_dict=False,
+                             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid)[0]
+        assert rel_err(their_eps, eps) < TOLERANCE
         back = control_weights(load_state_dict(tmp_path / "folder"), tmp_path / "folder")
         assert back.keys() == net.state_dict().keys()
         assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
@@ -356,12 +389,72 @@ def test_diffusers_folder_of_an_sdxl_control_gives_our_residuals(sgm_model: Any,
 
 def test_what_sdxl_does_not_support_yet_is_refused_plainly(sgm_model: Any) -> None:
     from cldm.formats import diffusers_config
-    from training.cache import build_cache
 
-    with pytest.raises(InputError, match="--cache does not support SDXL yet"):
-        build_cache(sgm_model, None, "unused")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="needs the size embedding width"):
         diffusers_config(sgm_model.control_model)
+
+
+def _paired_folder(root: Path, n: int, height: int, width: int) -> Path:
+    """A prompt.json data set of `n` random height x width pairs, prompts "a cat" and "a dog"."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "source").mkdir(parents=True)
+    (root / "target").mkdir()
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        for part in ("source", "target"):
+            Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / part / f"{i}.png")
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png",
+                                 "prompt": "a cat" if i % 2 else "a dog"}))
+    (root / "prompt.json").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_cache_holds_both_encoders_text_and_each_items_sizes(tmp_path: Path, sgm_model: Any) -> None:
+    """--cache on SDXL: each prompt's two-encoder context and pooled vector are stored once; a cached item keeps its
+    size conditionings (96 x 64 centre-cropped to 32 x 32: original (64, 96), crop (0, 8)); a cached step's
+    conditioning equals the uncached one's and its loss too (the VAE's moments are sampled with the same RNG)."""
+    from torch.utils.data import default_collate
+
+    from training.cache import CachedDataset, build_cache, cached_batch_encoder, model_fingerprint
+    from training.dataset import open_dataset
+    from training.geometry import Geometry
+
+    folder = _paired_folder(tmp_path / "data", 3, 64, 96)
+    items = open_dataset(folder, geometry=Geometry(resolution=32, crop="center"), size_conditioning=True, seed=0)
+    report = build_cache(sgm_model, items, tmp_path / "cache", batch_size=2)
+    assert (report.items, report.encoded, report.prompts, report.prompts_encoded) == (3, 3, 3, 3)  # "" too
+    assert build_cache(sgm_model, items, tmp_path / "cache").encoded == 0
+    cached = CachedDataset(items, tmp_path / "cache", model_fingerprint(sgm_model))
+    item = cached[1]
+    assert set(item) == {"latent_moments", "context", "hint", "txt", *SIZE_KEYS}
+    text = sgm_model.text_encodings(["a cat"])
+    assert item["context"].keys() == text.keys() == {"crossattn", "vector"}
+    assert torch.equal(item["context"]["crossattn"], text["crossattn"][0])
+    assert torch.equal(item["context"]["vector"], text["vector"][0])
+    assert item["original_size_as_tuple"].tolist() == [64.0, 96.0]
+    assert item["crop_coords_top_left"].tolist() == [0.0, 8.0]
+    assert item["target_size_as_tuple"].tolist() == [32.0, 32.0]
+    uncached_batch = default_collate([items[i] for i in (0, 1)])
+    cached_batch = default_collate([cached[i] for i in (0, 1)])
+    default = sgm_model.batch_encoder
+    results = []
+    try:
+        for batch, encoder in ((uncached_batch, default), (cached_batch, cached_batch_encoder)):
+            sgm_model.batch_encoder = encoder
+            with torch.no_grad():
+                _, cond = sgm_model.get_input(batch, "jpg")
+                torch.manual_seed(1)
+                loss, _ = sgm_model.shared_step(batch)
+            results.append((cond, loss))
+    finally:
+        sgm_model.batch_encoder = default
+    (plain, plain_loss), (from_cache, cached_loss) = results
+    torch.testing.assert_close(from_cache["c_crossattn"][0], plain["c_crossattn"][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(from_cache["y"][0], plain["y"][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached_loss, plain_loss, rtol=1e-5, atol=1e-6)
 
 
 def test_image_logging_samples_sdxl(sgm_model: Any) -> None:
@@ -505,3 +598,71 @@ def test_transfer_control_moves_an_sdxl_control_onto_a_community_model(tmp_path:
     assert torch.equal(out["control_model.zero_convs.3.0.weight"], control["control_model.zero_convs.3.0.weight"])
     assert torch.equal(out["conditioner.embedders.1.model.text_projection"],
                        target["conditioner.embedders.1.model.text_projection"])
+
+
+# ----- memory options and several units on SDXL -----------------------------------------------------------------
+def test_frozen_weights_half_holds_sdxl_in_bf16_with_exact_checkpoints(sgm_model: Any) -> None:
+    """`--frozen_weights half` on SDXL: the UNet, both text encoders and the VAE held in bf16, the ControlNet in
+    float32; state_dict() still the full-precision weights bit for bit; a bf16-autocast training step close to one
+    with full-precision weights (autocast casts them to bf16 anyway), gradients in float32."""
+    model = create_model(XL_TINY)
+    model.load_state_dict(sgm_model.state_dict())
+    model.train()
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    batch = {"jpg": torch.rand(2, 64, 64, 3, generator=g) * 2 - 1, "hint": torch.rand(2, 64, 64, 3, generator=g),
+             "txt": ["a red circle", "a blue circle"]}
+
+    def step() -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = model.shared_step(batch)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.control_model.parameters()])
+        assert grads.dtype == torch.float32
+        return loss.item(), grads
+
+    loss_full, grads_full = step()
+    model.hold_frozen_weights_in(torch.bfloat16)
+    for frozen in (model.model.diffusion_model, model.conditioner, model.first_stage_model):
+        assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.control_model.parameters()} == {torch.float32}
+    saved = model.state_dict()
+    assert [k for k in full if saved[k].dtype != full[k].dtype or not torch.equal(saved[k], full[k])] == []
+    loss_half, grads_half = step()
+    assert abs(loss_half - loss_full) <= 0.02 * loss_full
+    assert rel_err(grads_half, grads_full) < 0.05
+
+
+def test_two_sdxl_units_low_vram_and_a_zero_weight_unit(sgm_model: Any) -> None:
+    """Multi-ControlNet on SDXL: two ControlNets' 10 residuals add up (a second unit at weight 0 changes nothing,
+    bit for bit; at weight 1 it changes the image); low VRAM (parts moved in turn) gives the same image."""
+    import copy
+
+    import numpy as np
+
+    from cldm.generation import ControlNetPipeline, ControlUnit
+
+    saved = {k: v.clone() for k, v in sgm_model.control_model.state_dict().items()}
+    try:
+        first, second = (copy.deepcopy(_random_control(sgm_model, seed)) for seed in (4, 5))
+        pipeline = ControlNetPipeline(sgm_model, controls=[first, second], control_names=["a", "b"])
+        rng = np.random.default_rng(0)
+        hints = [(rng.random((64, 64, 3)) * 255).astype(np.uint8) for _ in range(2)]
+        common = dict(steps=2, cfg_scale=3.0, seed=0, progress=False)
+
+        def image(*units: ControlUnit, low_vram: bool = False) -> np.ndarray:
+            result = pipeline("a cat", list(units), low_vram=low_vram, **common)
+            assert result.images[0].size == (64, 64)  # the tiny config's own size (cldm_xl.yaml's: 1024)
+            return np.asarray(result.images[0], dtype=np.int16)
+
+        one = image(ControlUnit(hints[0], model="a"))
+        with_zero = image(ControlUnit(hints[0], model="a"), ControlUnit(hints[1], model="b", weight=0.0))
+        both = image(ControlUnit(hints[0], model="a"), ControlUnit(hints[1], model="b"))
+        both_low_vram = image(ControlUnit(hints[0], model="a"), ControlUnit(hints[1], model="b"), low_vram=True)
+    finally:
+        sgm_model.control_model.load_state_dict(saved)
+    assert np.array_equal(one, with_zero)
+    assert np.abs(both - one).max() > 0
+    assert np.array_equal(both, both_low_vram)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launcher import run_command
 from safetensors.torch import load_file
 
 import tool_add_control
@@ -157,8 +156,8 @@ def test_add_control_needs_config_for_unknown_width_and_a_vae(tiny_sd: SD, tmp_p
 @pytest.mark.slow
 def test_add_control_command_line(sd_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "control.pth"
-    command = [sys.executable, "tool_add_control.py", str(sd_file), str(out), "--config", TINY]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    command = ["tool_add_control.py", str(sd_file), str(out), "--config", TINY]
+    done = run_command(command, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "control_model.zero_convs.*" in done.stdout and out.is_file()
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY, run_train, train_args
+from conftest import ROOT, TINY, run_train, train_args
 
 from cldm.model import create_model, load_state_dict
 from training.loop import AtomicCheckpointIO, ResumableSampler
@@ -39,6 +43,35 @@ def test_train_then_resume_equals_uninterrupted_run(workspace: Path) -> None:
                                                           "samples_cfg_scale_9.00"}
     # The Lightning checkpoint's weights load strictly into the config's model.
     create_model(TINY).load_state_dict(load_state_dict(full / "last.ckpt"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_between_steps_exits_143_and_resumes_exactly(workspace: Path) -> None:
+    """A preempted run (SIGTERM, as a cluster sends it) saves the step it reached, says so, exits 143 (not 0); the
+    same command with --resume then ends with the weights of a run never stopped."""
+    out, reference = workspace / "sigterm", workspace / "sigterm_reference"
+    command = [sys.executable, str(ROOT / "tutorial_train.py"),
+               *train_args(workspace, out, "--max_steps", "1000", "--save_every", "3", "--logger_freq", "1000")]
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "last.ckpt").is_file() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr[-2000:]
+    stopped = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
+    assert 3 <= stopped < 1000
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"stopped by SIGTERM at step {stopped};") and str(out / "last.ckpt") in last_line
+    steps = str(stopped + 2)
+    for args in (train_args(workspace, out, "--max_steps", steps, "--logger_freq", "1000", "--resume"),
+                 train_args(workspace, reference, "--max_steps", steps, "--logger_freq", "1000")):
+        result = run_train(args)
+        assert result.returncode == 0, result.stderr[-2000:]
+    resumed = torch.load(out / "last.ckpt", weights_only=True)
+    uninterrupted = torch.load(reference / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == uninterrupted["global_step"] == stopped + 2
+    assert [k for k, v in uninterrupted["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])] == []
 
 
 @pytest.mark.slow

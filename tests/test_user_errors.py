@@ -8,7 +8,6 @@ import errno
 import os
 import pickle
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY, train_args
+from launcher import run_command
 from PIL import Image
 
 from ldm.errors import InputError, TrainingDiverged, command_line, user_message
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.slow
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """One command line as a user types it (`python script.py ...` or `python -m module ...`), from the repo root."""
-    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return run_command(argv, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def run_all(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess]:

@@ -13,7 +13,10 @@ What is stored, and why:
   same RNG order, as an uncached one (equal losses at equal seeds, to float tolerance).
 * One embedding per distinct prompt text (`[77, D]`), always including the empty prompt, so that prompt
   dropout (`ControlDataset(drop_prompt=...)`, or `CachedDataset.empty_context()` for dropout drawn at
-  training time) needs no text encoder either.
+  training time) needs no text encoder either. SDXL's is what its two text encoders make of the text (`context/<key>.
+  crossattn`, `[77, 2048]`, and the pooled `context/<key>.vector`, `[1280]`): the size embeddings, which differ per
+  item, are added at each step by the conditioner (`LatentDiffusion.conditioning_from_text`), from the item's size
+  conditionings, which the cached item carries (its placement is fixed: random crops are not cached).
 
 Keys, and invalidation: an item's key is the sha256 of (cache format version, model fingerprint, the item's
 identity: the sha256 of its target's bytes and the geometry it is placed with); a prompt's key is the sha256 of
@@ -42,9 +45,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
-from ldm.errors import InputError, UserError
+from ldm.errors import UserError
+from ldm.models.diffusion.conditioning import Context, map_context, rows_of
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from training.dataset import PairedDataset
+from ldm.modules.encoders.conditioner import sizes_of
+from training.dataset import PairedDataset, size_conditionings
 
 #: Bump when what is stored, or how keys are made, changes: every older entry then goes stale.
 CACHE_VERSION = 2
@@ -140,6 +145,18 @@ def model_fingerprint(model: Any, full: bool = False) -> str:
 
 
 # ----- the store -------------------------------------------------------------------------------------------
+def _entry(name: str) -> str:
+    """The entry a stored tensor belongs to: `context/<key>.crossattn` -> `context/<key>` (SDXL's text has parts)."""
+    return name.split(".", 1)[0]
+
+
+def _context_tensors(name: str, context: Any) -> dict[str, torch.Tensor]:
+    """One prompt's text encoding as stored tensors: `name` itself, or `name.<part>` for each part of a mapping."""
+    if isinstance(context, Mapping):
+        return {f"{name}.{part}": value for part, value in context.items()}
+    return {name: context}
+
+
 def _shard_paths(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.glob("*" + SHARD_SUFFIX) if p.is_file())
 
@@ -180,14 +197,11 @@ def build_cache(model: Any, dataset: PairedDataset, cache_dir: str | os.PathLike
     embeddings of prompts not seen before, `shard_size` items per shard. `dataset` is a PairedDataset
     (its `prompt(i)`, after prompt dropout, names the embedding an item uses).
     """
-    if model.has_conditioner:
-        raise InputError("--cache does not support SDXL yet (its conditioning depends on each item's size too): "
-                         "train without --cache")
     start = time.perf_counter()
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = fingerprint or model_fingerprint(model)
-    stored = index_shards(cache_dir)
+    stored = {_entry(name) for name in index_shards(cache_dir)}
     keys = [item_key(fingerprint, dataset.cache_identity(i)) for i in range(len(dataset))]
     texts = sorted({"", *(dataset.prompt(i) for i in range(len(dataset)))})
     wanted = {MOMENTS_PREFIX + k for k in keys} | {CONTEXT_PREFIX + prompt_key(fingerprint, t) for t in texts}
@@ -210,8 +224,11 @@ def build_cache(model: Any, dataset: PairedDataset, cache_dir: str | os.PathLike
             pending, shards = {}, shards + 1
 
     for chunk in _batches(missing_texts, batch_size):
-        for text, context in zip(chunk, model.get_learned_conditioning(list(chunk))):
-            pending[CONTEXT_PREFIX + prompt_key(fingerprint, text)] = context.float().cpu()
+        encodings = model.text_encodings(list(chunk))
+        for row, text in enumerate(chunk):
+            row_encoding = rows_of(encodings, row)
+            for name, value in _context_tensors(CONTEXT_PREFIX + prompt_key(fingerprint, text), row_encoding).items():
+                pending[name] = value.float().cpu()
     todo.sort(key=dataset.output_size)  # a batch needs one size: with --buckets, items come in several
     for chunk in (c for size, group in groupby(todo, key=dataset.output_size)
                   for c in _batches(list(group), batch_size)):
@@ -238,10 +255,11 @@ def _posterior_moments(posterior: Any) -> torch.Tensor:
     return posterior.parameters
 
 
-def cached_batch_encoder(model: Any, batch: Mapping[str, Any], key: str, bs: int | None) -> tuple[Any, torch.Tensor]:
+def cached_batch_encoder(model: Any, batch: Mapping[str, Any], key: str, bs: int | None) -> tuple[Any, Context]:
     """A batch of cached items as the model's step needs it (a `LatentDiffusion.batch_encoder`): the VAE posterior
     from `latent_moments` (sampled by the step with the global RNG, as without the cache), or a first stage's
-    deterministic `latent`, and the prompt embeddings `context`."""
+    deterministic `latent`, and the prompts' context from the cached `context` (SDXL's completed with the batch's
+    size conditionings)."""
     def first(values: torch.Tensor) -> torch.Tensor:
         return (values if bs is None else values[:bs]).to(model.device)
 
@@ -249,14 +267,21 @@ def cached_batch_encoder(model: Any, batch: Mapping[str, Any], key: str, bs: int
         posterior: Any = DiagonalGaussianDistribution(first(batch["latent_moments"]).float())
     else:
         posterior = first(batch["latent"]).float()
-    return posterior, first(batch["context"])
+    latent = posterior.mean if isinstance(posterior, DiagonalGaussianDistribution) else posterior
+    text = map_context(batch["context"], first)
+    sizes = None
+    if model.has_conditioner:
+        factor = model.latent_factor
+        sizes = sizes_of(batch, latent.shape[0], latent.shape[2] * factor, latent.shape[3] * factor)
+    return posterior, model.conditioning_from_text(text, sizes)
 
 
 class CachedDataset(Dataset):
     """A ControlDataset whose items come with cached moments and prompt embeddings instead of the target.
 
-    Items: `latent_moments` (`[2 * z, h, w]` float32), `context` (`[77, D]`), `hint` (as the data set gives
-    it), `txt`. Opening hashes every target file and checks that all items and prompts are cached for
+    Items: `latent_moments` (`[2 * z, h, w]` float32), `context` (`[77, D]`; SDXL's text parts, see the module's
+    docstring), `hint` (as the data set gives it), `txt`, and with the data set's `size_conditioning` its size
+    conditionings. Opening hashes every target file and checks that all items and prompts are cached for
     `model_fingerprint` (`CacheMissError` otherwise). With `verify` (default) each item's target is hashed
     again when read, so an image edited during training raises `StaleCacheError` instead of silently
     training on its old latent; reading the file costs far less than decoding it.
@@ -270,9 +295,12 @@ class CachedDataset(Dataset):
         self.verify = verify
         self._content = [dataset.cache_identity(i) for i in range(len(dataset))]
         self._index = index_shards(self.cache_dir)
+        self._parts: dict[str, list[str]] = {}  # entry -> its tensors' names
+        for name in self._index:
+            self._parts.setdefault(_entry(name), []).append(name)
         self._handles: dict[Path, Any] = {}
-        missing = [i for i in range(len(dataset)) if self._moments_name(i) not in self._index]
-        missing_texts = sorted({t for t in self._texts() if self._context_name(t) not in self._index})
+        missing = [i for i in range(len(dataset)) if self._moments_name(i) not in self._parts]
+        missing_texts = sorted({t for t in self._texts() if self._context_name(t) not in self._parts})
         if missing or missing_texts:
             first = (f"item {missing[0]} ({dataset.source.where(missing[0])})" if missing
                      else f"prompt {missing_texts[0]!r}")
@@ -305,9 +333,15 @@ class CachedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def empty_context(self) -> torch.Tensor:
+    def _context(self, text: str) -> Context:
+        name = self._context_name(text)
+        if self._parts[name] == [name]:
+            return self._tensor(name)
+        return {part.split(".", 1)[1]: self._tensor(part) for part in self._parts[name]}
+
+    def empty_context(self) -> Context:
         """The cached embedding of the empty prompt, `[77, D]`: for prompt dropout decided at training time."""
-        return self._tensor(self._context_name(""))
+        return self._context("")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index %= len(self.dataset)
@@ -315,9 +349,13 @@ class CachedDataset(Dataset):
             raise StaleCacheError(f"{self.dataset.source.where(index)} changed after the cache was opened; "
                                   "run build_cache again and reopen the CachedDataset")
         text = self.dataset.prompt(index)
-        return {
+        _, hint, placement = self.dataset.placed(index)
+        item = {
             "latent_moments": self._tensor(self._moments_name(index)),
-            "context": self._tensor(self._context_name(text)),
-            "hint": self.dataset.hint(index),
+            "context": self._context(text),
+            "hint": hint.astype(np.float32) / 255.0,
             "txt": text,
         }
+        if self.dataset.size_conditioning:
+            item.update(size_conditionings(placement))
+        return item

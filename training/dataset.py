@@ -154,12 +154,18 @@ def training_item(target: np.ndarray, hint: np.ndarray, prompt: str, placement: 
     left) in the resized image, and the output (height, width)."""
     item = {"jpg": target.astype(np.float32) / 127.5 - 1.0, "txt": prompt, "hint": hint.astype(np.float32) / 255.0}
     if placement is not None:
-        (width, height), (left, top), (out_w, out_h) = placement.original_size, placement.crop_offset, \
-            placement.output_size
-        item.update({"original_size_as_tuple": np.array([height, width], np.float32),
-                     "crop_coords_top_left": np.array([top, left], np.float32),
-                     "target_size_as_tuple": np.array([out_h, out_w], np.float32)})
+        item.update(size_conditionings(placement))
     return item
+
+
+def size_conditionings(placement: Placement) -> dict[str, np.ndarray]:
+    """SDXL's size conditionings of an item placed so, as sgm's batch keys name them: the original (height, width),
+    the crop's (top, left) in the resized image, and the output (height, width)."""
+    (width, height), (left, top), (out_w, out_h) = placement.original_size, placement.crop_offset, \
+        placement.output_size
+    return {"original_size_as_tuple": np.array([height, width], np.float32),
+            "crop_coords_top_left": np.array([top, left], np.float32),
+            "target_size_as_tuple": np.array([out_h, out_w], np.float32)}
 
 
 class ControlDataset(PairedDataset):

@@ -19,6 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.nn.utils import get_total_norm
 
 from cldm.checkpoint import CheckpointError, atomic_write, check_resumable, stale_temporaries
@@ -121,7 +122,9 @@ def non_finite(tensors: list[torch.Tensor]) -> bool:
 
 
 class LastCheckpoint(pl.Callback):
-    """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps and when training ends.
+    """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps, when training ends, and when it is
+    stopped by SIGTERM (a cluster's preemption, `kill`): Lightning then ends the step under way and stops between
+    steps, so the state saved is one a resume continues exactly. (Ctrl-C can land mid-update: nothing is saved then.)
 
     Never from non-finite weights: before each write the trainable weights are checked, and if the last update
     made any of them inf or NaN nothing is written and training stops (`TrainingDiverged`), so `last.ckpt` always
@@ -193,6 +196,10 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            self._save(trainer, pl_module)
 
 
 def numbered_checkpoints(out: str | Path) -> list[Path]:

@@ -43,7 +43,7 @@ from ldm.models.diffusion.schedule import (
 from ldm.models.frozen_weights import FrozenWeights
 from ldm.modules.diffusionmodules.util import as_input_for, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.modules.encoders.conditioner import default_sizes, sizes_of
+from ldm.modules.encoders.conditioner import TEXT_KEY, default_sizes, sizes_of
 from ldm.util import instantiate_from_config
 
 #: Buffers other code saves that this model derives itself: sgm's `denoiser.sigmas` (from the same schedule).
@@ -263,11 +263,35 @@ class LatentDiffusion(pl.LightningModule):
         with self.frozen_autocast(_device_of(encoder, self.device).type):
             if self.has_conditioner:
                 size = self.image_size * self.latent_factor
-                out = encoder({"txt": c, **(sizes if sizes is not None else default_sizes(len(c), size, size))},
-                              force_zero_embeddings=("txt",) if zero_text else ())
+                out = encoder({TEXT_KEY: c, **(sizes if sizes is not None else default_sizes(len(c), size, size))},
+                              force_zero_embeddings=(TEXT_KEY,) if zero_text else ())
             else:
                 out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
         out = out.mode() if isinstance(out, DiagonalGaussianDistribution) else out
+        return map_context(out, lambda t: t.to(self.device, torch.float32))
+
+    @torch.no_grad()
+    def text_encodings(self, prompts: list[str]) -> Context:
+        """What the text encoders alone make of `prompts`, to store and reuse (the training cache): SD's context, or
+        SDXL's text context and pooled vector (`{"crossattn", "vector"}`), which `conditioning_from_text` completes
+        with each item's size conditionings."""
+        if not self.has_conditioner:
+            return self.get_learned_conditioning(prompts)
+        self.materialize()
+        with self.frozen_autocast(_device_of(self.text_encoder, self.device).type):
+            out = self.text_encoder.encode_key(TEXT_KEY, prompts)
+        return map_context(out, lambda t: t.to(self.device, torch.float32))
+
+    def conditioning_from_text(self, text: Context, sizes: Mapping[str, torch.Tensor] | None = None) -> Context:
+        """The context of prompts whose `text_encodings` were computed before: as is (SD), or with the SDXL
+        conditioner's size embeddings of `sizes` (default: `default_sizes` of the model's image size) added."""
+        if not self.has_conditioner:
+            return text
+        if sizes is None:
+            size = self.image_size * self.latent_factor
+            sizes = default_sizes(len(next(iter(text.values()))), size, size)  # type: ignore[union-attr]
+        with self.frozen_autocast(_device_of(self.text_encoder, self.device).type):
+            out = self.text_encoder(dict(sizes), encoded={TEXT_KEY: text})
         return map_context(out, lambda t: t.to(self.device, torch.float32))
 
     @torch.no_grad()

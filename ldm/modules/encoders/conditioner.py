@@ -11,7 +11,8 @@ channels), a 2-D output the vector, in the order of `emb_models`. The checkpoint
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from ldm.errors import InputError
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import instantiate_from_config
 
+#: The batch key of the prompts (sgm's): the text embedders read it.
+TEXT_KEY = "txt"
 #: sgm's batch keys for the three size conditionings, each two numbers per image: (height, width), (top, left).
 SIZE_KEYS = ("original_size_as_tuple", "crop_coords_top_left", "target_size_as_tuple")
 
@@ -90,25 +93,52 @@ class GeneralConditioner(nn.Module):
             self.embedders.append(embedder)
             self.input_keys.append(key)
 
-    def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    def _groups(self) -> Iterator[tuple[str, list[nn.Module]]]:
+        """The embedders in order, runs of consecutive ones reading the same key together."""
+        for key, run in groupby(zip(self.input_keys, self.embedders), key=lambda pair: pair[0]):
+            yield key, [embedder for _, embedder in run]
+
+    def encode_key(self, key: str, values: Any) -> dict[str, torch.Tensor]:
+        """What the embedders reading `key` alone make of `values` (`"txt"`: both text encoders' context and the
+        pooled vector): what the training cache stores, and `forward(encoded=...)` takes back."""
+        runs = [embedders for k, embedders in self._groups() if k == key]
+        if len(runs) != 1:
+            raise InputError(f"the embedders reading {key!r} must be consecutive in the conditioner to be encoded "
+                             f"apart; here they form {len(runs)} runs")
+        return self._joined(self._outputs(key, runs[0], values))
+
+    def forward(self, batch: Mapping[str, Any], force_zero_embeddings: Sequence[str] = (),
+                encoded: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """The conditionings of `batch`; the embedders reading a key in `force_zero_embeddings` give zeros instead
-        (sgm's name: `("txt",)` is SDXL's unconditional text, diffusers' `force_zeros_for_empty_prompt`)."""
+        (sgm's name: `("txt",)` is SDXL's unconditional text, diffusers' `force_zeros_for_empty_prompt`).
+        `encoded[key]`: what `encode_key(key, ...)` gave before (the cache's text): those embedders do not run."""
         parts: dict[str, list[torch.Tensor]] = {"crossattn": [], "vector": []}
-        for embedder, key in zip(self.embedders, self.input_keys):
-            if key not in batch:
+        for key, embedders in self._groups():
+            if encoded is not None and key in encoded:
+                outputs = {name: [value] for name, value in encoded[key].items()}
+            elif key in batch:
+                outputs = self._outputs(key, embedders, batch[key])
+            else:
                 raise InputError(f"the conditioner needs {key!r} for each item (the SDXL size conditionings are "
                                  f"{', '.join(SIZE_KEYS)})")
-            outputs = embedder(batch[key])
+            for name, tensors in outputs.items():
+                parts[name] += [torch.zeros_like(t) for t in tensors] if key in force_zero_embeddings else tensors
+        return self._joined(parts)
+
+    @staticmethod
+    def _outputs(key: str, embedders: list[nn.Module], values: Any) -> dict[str, list[torch.Tensor]]:
+        """The embedders' outputs on `values`: a 3-D one joins the context, a 2-D one the vector."""
+        parts: dict[str, list[torch.Tensor]] = {"crossattn": [], "vector": []}
+        for embedder in embedders:
+            outputs = embedder(values)
             for out in outputs if isinstance(outputs, tuple) else (outputs,):
-                if key in force_zero_embeddings:
-                    out = torch.zeros_like(out)
-                if out.dim() == 3:
-                    parts["crossattn"].append(out)
-                elif out.dim() == 2:
-                    parts["vector"].append(out)
-                else:
+                if out.dim() not in (2, 3):
                     raise InputError(f"conditioner embedder for {key!r} gave a {out.dim()}-D output; "
                                      f"expected 3-D (context) or 2-D (vector)")
+                parts["crossattn" if out.dim() == 3 else "vector"].append(out)
+        return parts
+
+    def _joined(self, parts: Mapping[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         return {name: torch.cat([t.to(device) for t in tensors], dim=-1) for name, tensors in parts.items()
                 if tensors}
