@@ -60,6 +60,8 @@ SDXL_TINY_UNET: dict[str, Any] = {
     "attention_head_dim": [2, 4, 4], "cross_attention_dim": 32, "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 72,
 }
+#: The SDXL UNet's and ControlNet's parameter counts, in both contenders.
+SDXL_PARAMETERS = [2_567_463_684, 1_251_014_160]
 #: SDXL's VAE scale (sd_xl_base.yaml's scale_factor).
 SDXL_LATENT_SCALE = 0.13025
 PROMPT = "cornflower blue circle with dark salmon background"
@@ -144,6 +146,9 @@ def build_ours(checkpointing: bool, optimizer: str, cached: bool, channels_last:
     if compile_nets:  # inductor over the two networks that run every step
         model.model.diffusion_model.compile()
         model.control_model.compile()
+    if family == "sdxl" and not tiny:  # the same networks as diffusers', not merely alike
+        sizes = [sum(p.numel() for p in net.parameters()) for net in (model.model.diffusion_model, model.control_model)]
+        assert sizes == SDXL_PARAMETERS, sizes
     model.train()
     model.optimizer = optimizer
     opt = model.configure_optimizers()
@@ -253,7 +258,7 @@ def build_diffusers_sdxl(checkpointing: bool, optimizer: str, channels_last: boo
         controlnet = ControlNetModel.from_unet(unet)
     if not tiny:  # the same networks as ours, not merely alike
         sizes = [sum(p.numel() for p in net.parameters()) for net in (unet, controlnet)]
-        assert sizes == [2_567_463_684, 1_251_014_160], sizes
+        assert sizes == SDXL_PARAMETERS, sizes
     weight_dtype = torch.bfloat16
     unet.requires_grad_(False)
     unet.to(dtype=weight_dtype)
@@ -463,15 +468,17 @@ def sdxl_plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """SDXL at `--size` (1024): batch 1 in the least memory, a larger batch for speed, the largest batch."""
     common = ["--child", "train", "--family", "sdxl", "--size", str(args.size), "--cached", "--checkpointing"]
     runs = []
-    for impl in ("ours", "diffusers"):
-        for opt in ("adamw8bit", "adamw"):
+    # ours' adamw is torch's fused AdamW; diffusers' example uses the default (foreach): both kernels for diffusers
+    for impl, opts in (("ours", ("adamw8bit", "adamw")), ("diffusers", ("adamw8bit", "adamw", "adamw-fused"))):
+        for opt in opts:
             runs.append((f"sdxl lowmem {impl} {opt} b1 cached ckpt",
                          [*common, "--impl", impl, "--optimizer", opt, "--batch", "1", "--steps", "5"]))
-        runs.append((f"sdxl train {impl} adamw b{args.batch} cached ckpt",
-                     [*common, "--impl", impl, "--batch", str(args.batch), "--steps", "5", "--flops"]))
-    for impl in ("ours", "diffusers"):
-        runs.append((f"sdxl maxbatch {impl} cached ckpt", [*common, "--impl", impl, "--max_batch", "8", "16", "24",
-                                                           "32", "48"]))
+        runs.append((f"sdxl train {impl} {opts[-1]} b{args.batch} cached ckpt",
+                     [*common, "--impl", impl, "--optimizer", opts[-1], "--batch", str(args.batch), "--steps", "5",
+                      "--flops"]))
+    for impl, opt in (("ours", "adamw"), ("diffusers", "adamw-fused")):  # both fused
+        runs.append((f"sdxl maxbatch {impl} {opt} cached ckpt", [*common, "--impl", impl, "--optimizer", opt,
+                                                                 "--max_batch", "8", "16", "24", "32", "48"]))
     return [r for r in runs if not args.only or any(word in r[0] for word in args.only)]
 
 
@@ -500,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--impl", choices=list(BUILDERS), default="ours")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw-fused", "adamw8bit"])
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--size", type=int, default=None, help="pixels (default 512; SDXL 1024)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="generation: timed images")
@@ -517,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
     p.add_argument("--tiny", action="store_true", help="sdxl: the tiny config (to check the script on a CPU)")
     args = p.parse_args(argv)
+    args.size = args.size or (1024 if args.family == "sdxl" else 512)
     global DEVICE
     if args.dry_run_cpu:
         DEVICE = "cpu"

@@ -211,6 +211,8 @@ class ControlNetPipeline:
 
     `controls[k]` is ControlNet k, named `control_names[k]` (its file path when loaded from files).
     `sources` records the config and checkpoint files (with short sha256s) for reproducibility.
+    The model is put in eval mode (and cast to `dtype`, placed on `device`); its `requires_grad` flags are left as
+    they are (generation runs under `torch.no_grad`), so a model being trained can be sampled and trained on.
     """
 
     def __init__(self, model: Any, controls: Sequence[nn.Module] | None = None,
@@ -218,7 +220,7 @@ class ControlNetPipeline:
                  annotator_dir: str | Path | None = None, sources: Mapping[str, Any] | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         model.materialize()
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()
         self.controls = list(controls) if controls is not None else [model.control_model]
         self.control_names = (list(control_names) if control_names is not None
                               else [f"control{k}" for k in range(len(self.controls))])

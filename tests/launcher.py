@@ -7,9 +7,15 @@ with its own argv, working directory, environment and `sys.path` as a fresh `pyt
 stderr in files, and its exit status as the process's. The project's own modules are never preloaded, so every
 command imports the code under test afresh.
 
+Inside the command, multiprocessing is as in a fresh interpreter (this process the main one, the default start
+method), so DataLoader workers and process pools are the command's own children with its environment; at exit,
+non-daemon threads are joined and atexit handlers run, as the interpreter does.
+
 What differs from `subprocess.run([sys.executable, ...])`: environment variables that a preloaded library reads at
-import (not ours: `CONTROLNET_DEBUG` is read when a command runs) keep the server's values. A test about the user's
-environment itself keeps a real subprocess. `CONTROLNET_TEST_FRESH=1` runs every command as a real subprocess.
+import (not ours: `CONTROLNET_DEBUG` is read when a command runs) keep the server's values, and what those libraries
+print while importing is not the command's output. Tests about the user's environment itself (the exact stderr of
+a command with a minimal environment) keep a real subprocess. `CONTROLNET_TEST_FRESH=1` runs every command as a
+real subprocess.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import atexit
 import io
 import json
 import multiprocessing
+import multiprocessing.process
 import os
 import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from functools import cache
@@ -80,8 +88,11 @@ def run_command(argv: Sequence[str], cwd: Path | str, env: dict[str, str] | None
             process.kill()
             process.join()
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
-        return subprocess.CompletedProcess([sys.executable, *argv], process.exitcode,
-                                           out.read_text(errors="replace"), err.read_text(errors="replace"))
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        if process.exitcode != 0 and not stdout and not stderr:
+            stderr = (f"(tests/launcher.py: the command ended with status {process.exitcode} before its output was "
+                      f"redirected; its traceback went to the fork server's stderr. Rerun with {FRESH_ENV}=1.)")
+        return subprocess.CompletedProcess([sys.executable, *argv], process.exitcode, stdout, stderr)
 
 
 def _run_as_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: str,
@@ -97,24 +108,35 @@ def _run_as_main(argv: list[str], cwd: str, env: dict[str, str], out: str, err: 
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    _become_a_main_process()
     module = argv[1] if argv[0] == "-m" else None
     sys.argv = argv[1:] if module else list(argv)
-    sys.path[:] = [cwd if module else str(Path(argv[0]).resolve().parent), *base_path]
+    sys.path[:] = [cwd if module else os.path.dirname(os.path.abspath(argv[0])), *base_path]
     try:
         if module:
             runpy.run_module(module, run_name="__main__", alter_sys=True)
         else:
-            runpy.run_path(argv[0], run_name="__main__")
+            runpy.run_path(os.path.abspath(argv[0]), run_name="__main__")  # __main__.__file__ is absolute
         status = 0
     except SystemExit as stop:
         status = _exit_status(stop.code)
     except BaseException:  # as the interpreter does: the traceback on stderr, status 1
         traceback.print_exc()
         status = 1
-    atexit._run_exitfuncs()
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's exit: join non-daemon threads,
+    atexit._run_exitfuncs()  # then the atexit handlers
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(status)
+
+
+def _become_a_main_process() -> None:
+    """Undo what being a multiprocessing child set: the forkserver start method and this process's child role."""
+    multiprocessing.set_start_method(None, force=True)
+    me = multiprocessing.current_process()
+    me._name, me._identity, me._parent_pid = "MainProcess", (), None  # type: ignore[attr-defined]
+    multiprocessing.process._parent_process = None  # type: ignore[attr-defined]
+    multiprocessing.process._children = set()  # type: ignore[attr-defined]
 
 
 def _exit_status(code: object) -> int:

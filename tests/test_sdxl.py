@@ -318,9 +318,13 @@ def test_pipeline_generates_with_micro_conditioning_and_records_it(sgm_model: An
 def test_micro_conditioning_is_refused_for_sd() -> None:
     from cldm.generation import ControlNetPipeline
 
-    model = create_model(ROOT / "models" / "cldm_tiny.yaml")  # its own: a pipeline freezes the model it is given
+    model = create_model(ROOT / "models" / "cldm_tiny.yaml")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("control_model.") for name in trainable)
     with pytest.raises(InputError, match="SDXL's micro-conditioning"):
         ControlNetPipeline(model)("a cat", [], width=64, height=64, steps=1, original_size=(64, 64), progress=False)
+    # A pipeline leaves the model's trainable weights trainable (a model in training can be sampled).
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
 
 
 # ----- export: diffusers' own ControlNetModel computes our 10 residuals ---------------------------------------

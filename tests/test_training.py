@@ -46,31 +46,38 @@ def test_train_then_resume_equals_uninterrupted_run(workspace: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_between_steps_exits_143_and_resumes_exactly(workspace: Path) -> None:
-    """A preempted run (SIGTERM, as a cluster sends it) saves the step it reached, says so, exits 143 (not 0); the
-    same command with --resume then ends with the weights of a run never stopped."""
-    out, reference = workspace / "sigterm", workspace / "sigterm_reference"
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sigterm_saves_between_steps_exits_143_and_resumes_exactly(workspace: Path, accumulate: int) -> None:
+    """A preempted run (SIGTERM, as a cluster sends it) exits 143 (not 0) naming the checkpoint that holds its last
+    completed step: the step it reached, saved then, unless it was stopped between the batches of an accumulated
+    step (then the last periodic one); the same command with --resume ends with the weights of a run never stopped."""
+    out, reference = workspace / f"sigterm{accumulate}", workspace / f"sigterm{accumulate}_reference"
+    options = ("--logger_freq", "1000", "--accumulate_grad_batches", str(accumulate))
     command = [sys.executable, str(ROOT / "tutorial_train.py"),
-               *train_args(workspace, out, "--max_steps", "1000", "--save_every", "3", "--logger_freq", "1000")]
+               *train_args(workspace, out, "--max_steps", "1000", "--save_every", "3", *options)]
     run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (out / "last.ckpt").is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.3 * (accumulate - 1))  # more likely to land inside an accumulated step
     run.send_signal(signal.SIGTERM)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 143, stderr[-2000:]
-    stopped = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
-    assert 3 <= stopped < 1000
+    saved = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"stopped by SIGTERM at step {stopped};") and str(out / "last.ckpt") in last_line
-    steps = str(stopped + 2)
-    for args in (train_args(workspace, out, "--max_steps", steps, "--logger_freq", "1000", "--resume"),
-                 train_args(workspace, reference, "--max_steps", steps, "--logger_freq", "1000")):
+    reached = int(last_line.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert f"last finite checkpoint: {out / 'last.ckpt'} (step {saved})" in last_line, last_line
+    assert 3 <= saved <= reached < 1000
+    if accumulate == 1:
+        assert saved == reached
+    steps = str(saved + 2)
+    for args in (train_args(workspace, out, "--max_steps", steps, *options, "--resume"),
+                 train_args(workspace, reference, "--max_steps", steps, *options)):
         result = run_train(args)
         assert result.returncode == 0, result.stderr[-2000:]
     resumed = torch.load(out / "last.ckpt", weights_only=True)
     uninterrupted = torch.load(reference / "last.ckpt", weights_only=True)
-    assert resumed["global_step"] == uninterrupted["global_step"] == stopped + 2
+    assert resumed["global_step"] == uninterrupted["global_step"] == saved + 2
     assert [k for k, v in uninterrupted["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])] == []
 
 

@@ -123,8 +123,10 @@ def non_finite(tensors: list[torch.Tensor]) -> bool:
 
 class LastCheckpoint(pl.Callback):
     """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps, when training ends, and when it is
-    stopped by SIGTERM (a cluster's preemption, `kill`): Lightning then ends the step under way and stops between
-    steps, so the state saved is one a resume continues exactly. (Ctrl-C can land mid-update: nothing is saved then.)
+    stopped by SIGTERM (a cluster's preemption, `kill`): Lightning then ends the batch under way and stops, and when
+    that batch completed an optimizer step the state is one a resume continues exactly. Stopped between the batches
+    of one accumulated step (`--accumulate_grad_batches`), or by Ctrl-C (which can land mid-update), nothing is
+    saved: the last periodic checkpoint stands.
 
     Never from non-finite weights: before each write the trainable weights are checked, and if the last update
     made any of them inf or NaN nothing is written and training stops (`TrainingDiverged`), so `last.ckpt` always
@@ -142,6 +144,9 @@ class LastCheckpoint(pl.Callback):
         self.keep_last = keep_last
         #: The step of the state `last.ckpt` holds, when this run wrote it or resumed from it.
         self.written_step: int | None = None
+        #: Whether the last batch completed an optimizer step (not one batch of several accumulated).
+        self._at_step_boundary = False
+        self._seen_step = 0
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -152,6 +157,7 @@ class LastCheckpoint(pl.Callback):
                 print(f"removed {len(stale)} temporary file(s) that an interrupted write of {self.path} left behind")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen_step = trainer.global_step
         if trainer.ckpt_path is not None and Path(trainer.ckpt_path) == self.path:
             self.written_step = trainer.global_step  # resumed from it
 
@@ -191,6 +197,8 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._at_step_boundary = trainer.global_step != self._seen_step
+        self._seen_step = trainer.global_step
         if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
 
@@ -198,7 +206,7 @@ class LastCheckpoint(pl.Callback):
         self._save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0 and self._at_step_boundary:
             self._save(trainer, pl_module)
 
 

@@ -111,7 +111,8 @@ class GeneralConditioner(nn.Module):
                 encoded: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """The conditionings of `batch`; the embedders reading a key in `force_zero_embeddings` give zeros instead
         (sgm's name: `("txt",)` is SDXL's unconditional text, diffusers' `force_zeros_for_empty_prompt`).
-        `encoded[key]`: what `encode_key(key, ...)` gave before (the cache's text): those embedders do not run."""
+        `encoded[key]`: what `encode_key(key, ...)` gave before (the cache's text): those embedders do not run, and
+        the result is on the device of those tensors (the training step's, while the encoders wait on the CPU)."""
         parts: dict[str, list[torch.Tensor]] = {"crossattn": [], "vector": []}
         for key, embedders in self._groups():
             if encoded is not None and key in encoded:
@@ -123,7 +124,8 @@ class GeneralConditioner(nn.Module):
                                  f"{', '.join(SIZE_KEYS)})")
             for name, tensors in outputs.items():
                 parts[name] += [torch.zeros_like(t) for t in tensors] if key in force_zero_embeddings else tensors
-        return self._joined(parts)
+        given = [t for outputs in (encoded or {}).values() for t in outputs.values()]
+        return self._joined(parts, given[0].device if given else None)
 
     @staticmethod
     def _outputs(key: str, embedders: list[nn.Module], values: Any) -> dict[str, list[torch.Tensor]]:
@@ -138,7 +140,8 @@ class GeneralConditioner(nn.Module):
                 parts["crossattn" if out.dim() == 3 else "vector"].append(out)
         return parts
 
-    def _joined(self, parts: Mapping[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+    def _joined(self, parts: Mapping[str, list[torch.Tensor]], device: torch.device | None = None
+                ) -> dict[str, torch.Tensor]:
+        device = device or next((p.device for p in self.parameters()), torch.device("cpu"))
         return {name: torch.cat([t.to(device) for t in tensors], dim=-1) for name, tensors in parts.items()
                 if tensors}
