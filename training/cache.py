@@ -349,11 +349,11 @@ class CachedDataset(Dataset):
             raise StaleCacheError(f"{self.dataset.source.where(index)} changed after the cache was opened; "
                                   "run build_cache again and reopen the CachedDataset")
         text = self.dataset.prompt(index)
-        _, hint, placement = self.dataset.placed(index)
+        hint, placement = self.dataset.hint(index)
         item = {
             "latent_moments": self._tensor(self._moments_name(index)),
             "context": self._context(text),
-            "hint": hint.astype(np.float32) / 255.0,
+            "hint": hint,
             "txt": text,
         }
         if self.dataset.size_conditioning:

@@ -121,9 +121,11 @@ class PairedDataset(Dataset):
         return place_pair(raw.target, raw.hint, self.geometry, self.hint_maker, self._rng(index),
                           self.source.where(item))
 
-    def hint(self, index: int) -> np.ndarray:
-        """Item `index`'s hint alone, as `self[index]["hint"]` (HWC float32 in [0, 1])."""
-        return self.placed(index)[1].astype(np.float32) / 255.0
+    def hint(self, index: int) -> tuple[np.ndarray, Placement]:
+        """Item `index`'s hint as `self[index]["hint"]` (HWC float32 in [0, 1]) and its placement, without the
+        target (what a cached item needs)."""
+        _, hint, placement = self.placed(index)
+        return hint.astype(np.float32) / 255.0, placement
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         target, hint, placement = self.placed(index)

@@ -262,8 +262,7 @@ class LatentDiffusion(pl.LightningModule):
         encoder = self.text_encoder
         with self.frozen_autocast(_device_of(encoder, self.device).type):
             if self.has_conditioner:
-                size = self.image_size * self.latent_factor
-                out = encoder({TEXT_KEY: c, **(sizes if sizes is not None else default_sizes(len(c), size, size))},
+                out = encoder({TEXT_KEY: c, **self._sizes_or_default(sizes, len(c))},
                               force_zero_embeddings=(TEXT_KEY,) if zero_text else ())
             else:
                 out = encoder.encode(c) if callable(getattr(encoder, "encode", None)) else encoder(c)
@@ -287,12 +286,17 @@ class LatentDiffusion(pl.LightningModule):
         conditioner's size embeddings of `sizes` (default: `default_sizes` of the model's image size) added."""
         if not self.has_conditioner:
             return text
-        if sizes is None:
-            size = self.image_size * self.latent_factor
-            sizes = default_sizes(len(next(iter(text.values()))), size, size)  # type: ignore[union-attr]
+        rows = len(next(iter(text.values())))  # type: ignore[union-attr]
         with self.frozen_autocast(_device_of(self.text_encoder, self.device).type):
-            out = self.text_encoder(dict(sizes), encoded={TEXT_KEY: text})
+            out = self.text_encoder(self._sizes_or_default(sizes, rows), encoded={TEXT_KEY: text})
         return map_context(out, lambda t: t.to(self.device, torch.float32))
+
+    def _sizes_or_default(self, sizes: Mapping[str, torch.Tensor] | None, n: int) -> dict[str, torch.Tensor]:
+        """`sizes`, or SDXL's size conditionings of `n` images at the model's own size, whole and uncropped."""
+        if sizes is not None:
+            return dict(sizes)
+        size = self.image_size * self.latent_factor
+        return default_sizes(n, size, size)
 
     @torch.no_grad()
     def get_unconditional_conditioning(self, n: int, sizes: Mapping[str, torch.Tensor] | None = None) -> Context:
