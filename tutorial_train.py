@@ -10,7 +10,8 @@ Trainer.fit. With no arguments it trains SD1.5 + ControlNet on ./training/fill50
 ./models/control_sd15_ini.ckpt, batch 4, learning rate 1e-5, images logged every 300 steps.
 
 Stopped by SIGTERM (a cluster's preemption, `kill`), it saves `last.ckpt` between steps and exits with status 143;
-the same command with `--resume` continues exactly.
+the first Ctrl-C finishes the step under way, saves and exits with status 130. Either way the same command with
+`--resume` continues exactly.
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ from training.rewards import measure_from_name
 from training.sources import FORMATS, Columns, detect_format
 from training.streaming import ShardStream
 
-#: A run stopped by SIGTERM exits as a process killed by it would (128 + 15), after saving: not a success.
+#: A run stopped by SIGTERM or Ctrl-C exits as a process killed by the signal would (128 + 15, 128 + 2), after
+#: saving: not a success.
 SIGTERM_STATUS = 143
+SIGINT_STATUS = 130
 
 
 def positive_int(text: str) -> int:
@@ -364,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by SIGTERM at step {trainer.global_step}; {last_checkpoint.status()}; continue with the "
               "same command and --resume", file=sys.stderr)
         return SIGTERM_STATUS
+    if last_checkpoint.interrupted_at is not None:
+        print(f"stopped by Ctrl-C at step {last_checkpoint.interrupted_at}; {last_checkpoint.status()}; continue "
+              "with the same command and --resume", file=sys.stderr)
+        return SIGINT_STATUS
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoint {last}; image grids in {out / 'image_log'}")
         if data.skipped():

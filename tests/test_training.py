@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -14,7 +16,7 @@ import torch
 from conftest import ROOT, TINY, run_train, train_args
 
 from cldm.model import create_model, load_state_dict
-from training.loop import AtomicCheckpointIO, ResumableSampler
+from training.loop import AtomicCheckpointIO, LastCheckpoint, ResumableSampler
 
 
 @pytest.mark.slow
@@ -45,31 +47,31 @@ def test_train_then_resume_equals_uninterrupted_run(workspace: Path) -> None:
     create_model(TINY).load_state_dict(load_state_dict(full / "last.ckpt"))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_sigterm_saves_between_steps_exits_143_and_resumes_exactly(workspace: Path, accumulate: int) -> None:
-    """A preempted run (SIGTERM, as a cluster sends it) exits 143 (not 0) naming the checkpoint that holds its last
-    completed step: the step it reached, saved then, unless it was stopped between the batches of an accumulated
-    step (then the last periodic one); the same command with --resume ends with the weights of a run never stopped."""
-    out, reference = workspace / f"sigterm{accumulate}", workspace / f"sigterm{accumulate}_reference"
-    options = ("--logger_freq", "1000", "--accumulate_grad_batches", str(accumulate))
+def stop_then_resume(workspace: Path, name: str, stop: signal.Signals, options: tuple[str, ...],
+                     pause: float = 0.0) -> tuple[int, int, str]:
+    """Start a long run, send `stop` to its process group (as a terminal's Ctrl-C or a scheduler reaches every
+    process) once its first periodic checkpoint exists (and `pause` seconds more), check the exit status and the last
+    line, then resume it and a never-stopped run to 2 steps further: the same weights bit for bit. Returns the step
+    that `last.ckpt` held when it stopped, the step the message says it reached, and the stopped run's stderr."""
+    out, reference = workspace / name, workspace / f"{name}_reference"
     command = [sys.executable, str(ROOT / "tutorial_train.py"),
-               *train_args(workspace, out, "--max_steps", "1000", "--save_every", "3", *options)]
-    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               *train_args(workspace, out, "--max_steps", "1000", "--save_every", "3", "--logger_freq", "1000",
+                           *options)]
+    run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
     deadline = time.monotonic() + 240
     while not (out / "last.ckpt").is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3 * (accumulate - 1))  # more likely to land inside an accumulated step
-    run.send_signal(signal.SIGTERM)
+    time.sleep(pause)
+    os.killpg(run.pid, stop)
     _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 143, stderr[-2000:]
+    assert run.returncode == 128 + stop, stderr[-2000:]
     saved = torch.load(out / "last.ckpt", weights_only=True)["global_step"]
     last_line = stderr.strip().splitlines()[-1]
-    reached = int(last_line.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    said = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}[stop]
+    reached = int(last_line.split(f"stopped by {said} at step ")[1].split(";")[0])
     assert f"last finite checkpoint: {out / 'last.ckpt'} (step {saved})" in last_line, last_line
     assert 3 <= saved <= reached < 1000
-    if accumulate == 1:
-        assert saved == reached
     steps = str(saved + 2)
     for args in (train_args(workspace, out, "--max_steps", steps, *options, "--resume"),
                  train_args(workspace, reference, "--max_steps", steps, *options)):
@@ -79,6 +81,48 @@ def test_sigterm_saves_between_steps_exits_143_and_resumes_exactly(workspace: Pa
     uninterrupted = torch.load(reference / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == uninterrupted["global_step"] == saved + 2
     assert [k for k, v in uninterrupted["state_dict"].items() if not torch.equal(v, resumed["state_dict"][k])] == []
+    return saved, reached, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sigterm_saves_between_steps_exits_143_and_resumes_exactly(workspace: Path, accumulate: int) -> None:
+    """A preempted run (SIGTERM, as a cluster sends it) exits 143 (not 0) naming the checkpoint that holds its last
+    completed step: the step it reached, saved then, unless it was stopped between the batches of an accumulated
+    step (then the last periodic one); the same command with --resume ends with the weights of a run never stopped."""
+    options = ("--accumulate_grad_batches", str(accumulate))
+    saved, reached, _ = stop_then_resume(workspace, f"sigterm{accumulate}", signal.SIGTERM, options,
+                                      pause=0.3 * (accumulate - 1))  # more likely to land inside an accumulated step
+    if accumulate == 1:
+        assert saved == reached
+
+
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_exits_130_and_resumes_exactly(workspace: Path) -> None:
+    """The first Ctrl-C (SIGINT to the terminal's process group: the DataLoader worker gets it too) lets the
+    accumulated step under way finish, saves it and exits 130; --resume then ends as a run never stopped."""
+    options = ("--accumulate_grad_batches", "2", "--num_workers", "1")
+    saved, reached, stderr = stop_then_resume(workspace, "ctrl_c", signal.SIGINT, options, pause=0.3)
+    assert saved == reached
+    assert stderr.count("Ctrl-C: stopping at the end of this step") == 1  # said once, not by the worker too
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_the_handler_is_put_back(tmp_path: Path) -> None:
+    """The first Ctrl-C only asks for a stop (no KeyboardInterrupt mid-update); a second one raises as Python
+    does; after training the handler that was there before is back."""
+    before = signal.getsignal(signal.SIGINT)
+    callback = LastCheckpoint(tmp_path, every_n_steps=10)
+    callback.on_fit_start(SimpleNamespace(is_global_zero=False), None)  # type: ignore[arg-type]
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the handler runs at the next bytecode boundary
+        assert callback._stop_requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    finally:
+        callback.teardown(None, None, "fit")  # type: ignore[arg-type]
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.slow

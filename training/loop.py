@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -125,8 +128,12 @@ class LastCheckpoint(pl.Callback):
     """Keeps `<dirpath>/last.ckpt` current: every `every_n_steps` optimizer steps, when training ends, and when it is
     stopped by SIGTERM (a cluster's preemption, `kill`): Lightning then ends the batch under way and stops, and when
     that batch completed an optimizer step the state is one a resume continues exactly. Stopped between the batches
-    of one accumulated step (`--accumulate_grad_batches`), or by Ctrl-C (which can land mid-update), nothing is
-    saved: the last periodic checkpoint stands.
+    of one accumulated step (`--accumulate_grad_batches`), nothing is saved: the last periodic checkpoint stands.
+
+    The first Ctrl-C (SIGINT) asks for a stop rather than raising in the middle of an update: training goes on to
+    the end of the optimizer step under way, saves there (a periodic save's state, which resumes exactly) and
+    stops; `interrupted_at` is then that step. Every rank stops at the same step (the request is reduced across
+    them). A second Ctrl-C raises KeyboardInterrupt at once, as usual, and saves nothing.
 
     Never from non-finite weights: before each write the trainable weights are checked, and if the last update
     made any of them inf or NaN nothing is written and training stops (`TrainingDiverged`), so `last.ckpt` always
@@ -147,8 +154,18 @@ class LastCheckpoint(pl.Callback):
         #: Whether the last batch completed an optimizer step (not one batch of several accumulated).
         self._at_step_boundary = False
         self._seen_step = 0
+        #: The step at which a Ctrl-C stopped training (saved there), or None.
+        self.interrupted_at: int | None = None
+        self._stop_requested = False
+        self._previous_sigint: Any = None
+        self._handler_pid: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before the DataLoader's workers start: forked, they inherit the handler, so Ctrl-C (sent to the whole
+        # process group by a terminal) does not end them. Signal handlers can only be set in the main thread.
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop) or signal.default_int_handler
+            self._handler_pid = os.getpid()
         if trainer.is_global_zero:
             stale = stale_temporaries(self.path)
             for path in stale:
@@ -160,6 +177,22 @@ class LastCheckpoint(pl.Callback):
         self._seen_step = trainer.global_step
         if trainer.ckpt_path is not None and Path(trainer.ckpt_path) == self.path:
             self.written_step = trainer.global_step  # resumed from it
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        """The first Ctrl-C: stop at the end of this optimizer step; the next one interrupts as Python does.
+        A DataLoader worker (a fork that inherited the handler) ignores Ctrl-C: the main process ends it."""
+        if os.getpid() != self._handler_pid:
+            return
+        self._stop_requested = True
+        signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
+        print(f"\nCtrl-C: stopping at the end of this step and saving {self.path} (press Ctrl-C again to stop at "
+              "once, without saving)", file=sys.stderr, flush=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == self.written_step:
@@ -199,8 +232,14 @@ class LastCheckpoint(pl.Callback):
                            batch_idx: int) -> None:
         self._at_step_boundary = trainer.global_step != self._seen_step
         self._seen_step = trainer.global_step
-        if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+        if not self._at_step_boundary:
+            return
+        stopping = trainer.strategy.reduce_boolean_decision(self._stop_requested, all=False)
+        if stopping or trainer.global_step % self.every_n_steps == 0:
             self._save(trainer, pl_module)
+        if stopping:
+            self.interrupted_at = trainer.global_step
+            trainer.should_stop = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module)
