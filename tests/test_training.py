@@ -224,3 +224,44 @@ def test_ddp_two_processes_end_with_identical_weights(workspace: Path, tmp_path:
     initial = load_state_dict(workspace / "ini.ckpt")
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert any(not torch.equal(rank0[k], initial["control_model." + k]) for k in rank0)
+
+
+class _CtrlCOnRankOne(pl.Callback):
+    """Sends SIGINT to rank 1's own process during step 2 (a Ctrl-C that reached one rank only) and records the
+    step each rank ended at."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        (self.folder / f"rank{trainer.global_rank}.step").write_text(str(trainer.global_step))
+
+
+@pytest.mark.slow
+def test_ddp_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(workspace: Path, tmp_path: Path) -> None:
+    """A stop asked on one rank only is reduced across ranks: both stop after step 2 and last.ckpt holds step 2
+    (a rank that went on alone would wait for the other in its next all-reduce: the short timeout fails it)."""
+    from datetime import timedelta
+
+    from pytorch_lightning.strategies import DDPStrategy
+    from torch.utils.data import DataLoader
+
+    from training.dataset import ControlDataset
+
+    model = create_model(TINY)
+    model.load_state_dict(load_state_dict(workspace / "ini.ckpt"))
+    model.learning_rate = 1e-3
+    dataset = ControlDataset(workspace / "data")
+    loader = DataLoader(dataset, batch_size=2, sampler=ResumableSampler(len(dataset), seed=0))
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=6, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False,
+                         callbacks=[_CtrlCOnRankOne(tmp_path), LastCheckpoint(tmp_path, every_n_steps=100)])
+    trainer.fit(model, loader)
+    assert [(tmp_path / f"rank{r}.step").read_text() for r in (0, 1)] == ["2", "2"]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
