@@ -10,6 +10,7 @@ time, one thread each; a finished run is not run again (delete its folder to red
     .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes          # all recipes
     .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --recipes uniform cubic
     .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --report   # table and plot only
+    .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --step_cost 3  # s/step, idle machine
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ BATCH, STEPS, LR, EVERY = 16, 1500, 3e-4, 50
 SEEDS = (0, 1, 2)
 TUNING_SEED, EVAL_SEEDS, EVAL_N = 2, (7, 8), 64
 GUIDANCES = (2.0, 3.0, 5.0)
+#: Samples each step-cost run trains on (640: 40 steps of batch 16).
+COST_SAMPLES = 640
 #: name -> (extra flags, optimizer steps, fidelity interval): equal samples seen (24,000) for every recipe.
 RECIPES: dict[str, tuple[list[str], int, int]] = {
     "uniform": ([], STEPS, EVERY),
@@ -73,16 +76,41 @@ def prepare(out: Path) -> Path:
 
 def train(name: str, flags: list[str], steps: int, every: int, seed: int, initial: Path, out: Path) -> Path:
     folder = out / f"{name}_seed{seed}"
-    if (folder / "done.json").is_file():
-        return folder
+    if not (folder / "done.json").is_file():
+        fidelity = ["--fidelity_every", str(every), "--fidelity_n", "16", "--fidelity_kind", "fill50k"]
+        run_training(folder, [*fidelity, *flags], steps, seed, initial)
+    return folder
+
+
+def run_training(folder: Path, flags: list[str], steps: int, seed: int, initial: Path) -> None:
+    """The demo's training command with `flags`, in `folder`; `done.json` records its wall time when it ends."""
     folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
     run(["tutorial_train.py", "--config", CONFIG, "--resume_path", str(initial), "--data", str(DATA),
          "--out", str(folder), "--batch_size", str(BATCH), "--max_steps", str(steps), "--learning_rate", str(LR),
-         "--logger_freq", "100000", "--save_every", str(steps), "--seed", str(seed), "--fidelity_every", str(every),
-         "--fidelity_n", "16", "--fidelity_kind", "fill50k", *flags], folder / "train.log")
+         "--logger_freq", "100000", "--save_every", str(steps), "--seed", str(seed), *flags], folder / "train.log")
     (folder / "done.json").write_text(json.dumps({"wall_s": time.time() - start}))
-    return folder
+
+
+def step_cost(out: Path, names: list[str], rounds: int, initial: Path) -> dict[str, float]:
+    """Seconds per optimizer step of each recipe by itself, without the fidelity evaluations: short runs of the
+    same command (`COST_SAMPLES` samples each), two at a time with one thread each as the measured runs were, the
+    recipes taking turns in rounds so that a change in the machine's load hits all of them alike. Per recipe: the
+    median over its rounds of each run's median logged rate."""
+    jobs = [(name, r) for r in range(rounds) for name in names]
+
+    def cost_run(job: tuple[str, int]) -> float:
+        name, r = job
+        flags, steps, _ = RECIPES[name]
+        folder = out / "step_cost" / f"{name}_round{r}"
+        if not (folder / "done.json").is_file():
+            run_training(folder, flags, max(2, steps * COST_SAMPLES // (STEPS * BATCH)), 0, initial)
+            (folder / "last.ckpt").unlink(missing_ok=True)  # only its logged rates are wanted
+        return seconds_per_step(folder, samples_per_step(flags))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        costs = list(pool.map(cost_run, jobs))
+    return {name: statistics.median(c for (n, _), c in zip(jobs, costs) if n == name) for name in names}
 
 
 def score(folder: Path, seed: int, guidance: float) -> float:
@@ -194,13 +222,15 @@ def plot(path: Path, results: list[dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    global STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS  # --quick shrinks the measurement (a smoke run)
+    global STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS, COST_SAMPLES  # --quick shrinks the measurement
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "recipes")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--combine", nargs="+", default=None, metavar="RECIPE",
                         help="measure these recipes' flags together (the best combination) instead")
     parser.add_argument("--report", action="store_true", help="only print the table of what was measured")
+    parser.add_argument("--step_cost", type=int, default=0, metavar="ROUNDS",
+                        help="instead: each recipe's seconds per step by itself, over ROUNDS rounds of short runs")
     parser.add_argument("--quick", action="store_true", help="4 steps, one seed, 2 hints: checks the script only")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help=f"training seeds (default {' '.join(map(str, SEEDS))}; the first one tunes the guidance)")
@@ -210,17 +240,24 @@ def main() -> None:
                         help=f"guidances tuned on seed {TUNING_SEED} (default {' '.join(map(str, GUIDANCES))})")
     args = parser.parse_args()
     if args.quick:
-        STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS = 4, 2, (0,), 2, (3.0,), (7,)
+        STEPS, EVERY, SEEDS, EVAL_N, GUIDANCES, EVAL_SEEDS, COST_SAMPLES = 4, 2, (0,), 2, (3.0,), (7,), 64
         for name, (flags, steps, every) in list(RECIPES.items()):
             RECIPES[name] = (flags, max(1, steps * 4 // 1500), max(1, every * 2 // 50))
     EVAL_SEEDS = tuple(args.eval_seeds) if args.eval_seeds else EVAL_SEEDS
     GUIDANCES = tuple(args.guidances) if args.guidances else GUIDANCES
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        flags = [f for name in args.combine for f in RECIPES[name][0]]
+        RECIPES["+".join(args.combine)] = (flags, STEPS, EVERY)
+        args.recipes = ["+".join(args.combine)]
+    if args.step_cost:
+        costs = step_cost(args.out, args.recipes, args.step_cost, prepare(args.out))
+        (args.out / "step_cost.json").write_text(json.dumps(costs, indent=1))
+        uniform = costs.get("uniform")
+        for name, cost in costs.items():
+            print(f"{name}: {cost:.3f} s/step" + (f" ({cost / uniform:.2f}x uniform)" if uniform else ""))
+        return
     if not args.report:
-        if args.combine:
-            flags = [f for name in args.combine for f in RECIPES[name][0]]
-            RECIPES["+".join(args.combine)] = (flags, STEPS, EVERY)
-            args.recipes = ["+".join(args.combine)]
         initial = prepare(args.out)
         seeds = tuple(args.seeds) if args.seeds else SEEDS
         with ThreadPoolExecutor(max_workers=2) as training, ThreadPoolExecutor(max_workers=1) as scoring:
