@@ -11,6 +11,7 @@ time, one thread each; a finished run is not run again (delete its folder to red
     .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --recipes uniform cubic
     .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --report   # table and plot only
     .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --step_cost 3  # s/step, idle machine
+    .venv/bin/python -m benchmarks.bench_recipes --out benchmarks/results/recipes --early 100 10  # finer crossing
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def prepare(out: Path) -> Path:
     return initial
 
 
-def train(name: str, flags: list[str], steps: int, every: int, seed: int, initial: Path, out: Path) -> Path:
-    folder = out / f"{name}_seed{seed}"
+def train(name: str, flags: list[str], steps: int, every: int, seed: int, initial: Path, out: Path,
+          tag: str = "") -> Path:
+    folder = out / f"{name}{tag}_seed{seed}"
     if not (folder / "done.json").is_file():
         fidelity = ["--fidelity_every", str(every), "--fidelity_n", "16", "--fidelity_kind", "fill50k"]
         run_training(folder, [*fidelity, *flags], steps, seed, initial)
@@ -111,6 +113,39 @@ def step_cost(out: Path, names: list[str], rounds: int, initial: Path) -> dict[s
     with ThreadPoolExecutor(max_workers=2) as pool:
         costs = list(pool.map(cost_run, jobs))
     return {name: statistics.median(c for (n, _), c in zip(jobs, costs) if n == name) for name in names}
+
+
+def early_convergence(out: Path, names: list[str], seeds: tuple[int, ...], initial: Path, steps: int, every: int
+                      ) -> dict[str, list[dict[str, Any]]]:
+    """The halfway crossing at a finer resolution: each full run's first `steps` steps (a recipe with accumulation:
+    the same samples) again, evaluated every `every` steps, against the full run's halfway line (its baseline and
+    final score). The evaluations leave the training's random state alone, so the points the two runs share are
+    equal (checked: `differs_from_full_at` lists the steps where they are not)."""
+    jobs = [(name, seed) for name in names for seed in seeds if (out / f"{name}_seed{seed}" / "fidelity.csv").is_file()]
+
+    def early_run(job: tuple[str, int]) -> Path:
+        name, seed = job
+        flags, full_steps, _ = RECIPES[name]
+        scale = full_steps / STEPS
+        return train(name, flags, round(steps * scale), max(1, round(every * scale)), seed, initial, out,
+                     tag=f"_early{steps}")
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        folders = list(pool.map(early_run, jobs))
+    results: dict[str, list[dict[str, Any]]] = {}
+    for (name, seed), folder in zip(jobs, folders):
+        per_step = samples_per_step(RECIPES[name][0])
+        full, early = curve(out / f"{name}_seed{seed}"), curve(folder)
+        shared = {r["step"]: r["iou"] for r in full}
+        halfway = full[0]["baseline"] + 0.5 * (full[-1]["iou"] - full[0]["baseline"])
+        crossing = next((r["step"] * per_step for r in early if r["iou"] >= halfway), None) \
+            if full[-1]["iou"] > full[0]["baseline"] else None  # no gain over the baseline: nothing to cross
+        results.setdefault(name, []).append({
+            "seed": seed, "halfway": halfway, "crossing_samples": crossing,
+            "curve": [(r["step"] * per_step, r["iou"]) for r in early],
+            "differs_from_full_at": [r["step"] for r in early if r["step"] in shared and r["iou"] != shared[r["step"]]],
+        })
+    return results
 
 
 def score(folder: Path, seed: int, guidance: float) -> float:
@@ -229,6 +264,8 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", default=None, metavar="RECIPE",
                         help="measure these recipes' flags together (the best combination) instead")
     parser.add_argument("--report", action="store_true", help="only print the table of what was measured")
+    parser.add_argument("--early", type=int, nargs=2, default=None, metavar=("STEPS", "EVERY"),
+                        help="instead: the first STEPS steps of each finished run again, evaluated every EVERY steps")
     parser.add_argument("--step_cost", type=int, default=0, metavar="ROUNDS",
                         help="instead: each recipe's seconds per step by itself, over ROUNDS rounds of short runs")
     parser.add_argument("--quick", action="store_true", help="4 steps, one seed, 2 hints: checks the script only")
@@ -250,6 +287,16 @@ def main() -> None:
         flags = [f for name in args.combine for f in RECIPES[name][0]]
         RECIPES["+".join(args.combine)] = (flags, STEPS, EVERY)
         args.recipes = ["+".join(args.combine)]
+    if args.early:
+        early = early_convergence(args.out, args.recipes, tuple(args.seeds) if args.seeds else SEEDS,
+                                  prepare(args.out), *args.early)
+        (args.out / f"early{args.early[0]}.json").write_text(json.dumps(early, indent=1))
+        for name, runs in early.items():
+            crossings = ", ".join(f"{r['crossing_samples']} (seed {r['seed']})" for r in runs)
+            differing = "".join(f"; seed {r['seed']} differs from its full run at steps {r['differs_from_full_at']}"
+                                for r in runs if r["differs_from_full_at"])
+            print(f"{name}: halfway crossed at {crossings} samples{differing}")
+        return
     if args.step_cost:
         costs = step_cost(args.out, args.recipes, args.step_cost, prepare(args.out))
         (args.out / "step_cost.json").write_text(json.dumps(costs, indent=1))
