@@ -259,6 +259,9 @@ PIPELINE_INDEX = "model_index.json"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model."
+#: Where sgm's SDXL checkpoints keep their two text encoders (CLIP ViT-L, OpenCLIP bigG).
+SDXL_CLIP_PREFIX = "conditioner.embedders.0."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1."
 VAE_RESNET_NAMES = {"nin_shortcut": "conv_shortcut"}
 VAE_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 #: How many of OpenCLIP ViT-H/14's 24 text blocks diffusers' SD2 converter keeps (the last is dropped).
@@ -335,49 +338,82 @@ def weights_file(folder: Path) -> Path:
 
 def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, torch.Tensor]]
                                ) -> dict[str, torch.Tensor]:
-    """A diffusers `StableDiffusionPipeline` folder (`unet/`, `vae/`, `text_encoder/`) as an SD checkpoint in the
-    original layout. `read` reads one weights file (the caller's safe reader).
+    """A diffusers `StableDiffusionPipeline` or `StableDiffusionXLPipeline` folder (`unet/`, `vae/`,
+    `text_encoder/`, and for SDXL `text_encoder_2/`) as a checkpoint in the original (sgm's for SDXL) layout.
+    `read` reads one weights file (the caller's safe reader).
 
     SD2.x's text encoder (OpenCLIP's, stored by diffusers as a transformers CLIPTextModel) goes back to OpenCLIP's
     names. diffusers' converter keeps 23 of ViT-H/14's 24 blocks (SD2 conditions on the penultimate one) and drops
     the projection: a 23-block encoder gets its last block back as zeros (a zero block adds nothing to its input),
-    and the projection as zeros (unused by the UNet's conditioning).
+    and the projection as zeros (unused by the UNet's conditioning). SDXL's second encoder (OpenCLIP bigG, a
+    transformers CLIPTextModelWithProjection there) keeps every block and its projection, which makes the pooled
+    vector; its `logit_scale`, which diffusers does not keep, is zero (no conditioning reads it). sgm's SDXL files
+    carry no schedule buffers, so none are added for SDXL.
     """
-    if (folder / "text_encoder_2").is_dir():
-        raise InputError(f"{folder}: a diffusers SDXL pipeline (it has text_encoder_2/): reading those folders is "
-                         f"not supported yet; use the single file sd_xl_base_1.0.safetensors")
-    parts = {name: folder / name for name in ("unet", "vae", "text_encoder")}
+    xl = (folder / "text_encoder_2").is_dir()
+    if xl and not (folder / "text_encoder").is_dir():
+        raise InputError(f"{folder}: an SDXL refiner pipeline (text_encoder_2/ without text_encoder/); ControlNets "
+                         "control the base model (sd_xl_base_1.0)")
+    parts = {name: folder / name for name in ("unet", "vae", "text_encoder", "text_encoder_2")[:4 if xl else 3]}
     missing = [name for name, path in parts.items() if not (path / DIFFUSERS_CONFIG).is_file()]
     if missing:
         raise InputError(f"{folder}: a diffusers pipeline without {', '.join(missing)} "
                          f"(each part needs its {DIFFUSERS_CONFIG})")
-    unet_path = parts["unet"] / DIFFUSERS_CONFIG
-    unet_config = _read_json(unet_path)
-    levels = len(_field(unet_config, "block_out_channels", unet_path))
-    per_level = unet_config.get("layers_per_block", 2)
-    res_blocks = list(per_level) if isinstance(per_level, list) else [per_level] * levels
-    attention = ["CrossAttn" in kind for kind in _field(unet_config, "down_block_types", unet_path)]
-    unet = read(weights_file(parts["unet"]))
-    state = {UNET_PREFIX + name: unet[key] for key, name in rename(unet, unet_table(res_blocks, attention),
-                                                                  to_diffusers=False).items()}
-    vae_path = parts["vae"] / DIFFUSERS_CONFIG
-    vae_config = _read_json(vae_path)
-    vae = read(weights_file(parts["vae"]))
-    table = vae_table(len(_field(vae_config, "block_out_channels", vae_path)), vae_config.get("layers_per_block", 2))
-    for key, name in rename(vae, table, to_diffusers=False).items():
-        tensor = vae[key]
-        if ".mid.attn_1." in name and name.endswith("weight") and tensor.dim() == 2:
-            tensor = tensor[:, :, None, None]  # our attention's projections are 1x1 convolutions
-        state[VAE_PREFIX + name] = tensor
-    text_config = _read_json(parts["text_encoder"] / DIFFUSERS_CONFIG)
-    text = {k if k.startswith("text_model.") else "text_model." + k: v  # transformers 5 saves without that level
-            for k, v in read(weights_file(parts["text_encoder"])).items() if not k.endswith("position_ids")}
+    state = {**_unet_from_pipeline(parts["unet"], read), **_vae_from_pipeline(parts["vae"], read)}
+    text_config, text = _text_from_pipeline(parts["text_encoder"], read)
+    if xl:
+        state.update({f"{SDXL_CLIP_PREFIX}transformer.{k}": v for k, v in text.items() if k.startswith("text_model.")})
+        _, bigg = _text_from_pipeline(parts["text_encoder_2"], read)
+        if "text_projection.weight" not in bigg:
+            raise InputError(f"{parts['text_encoder_2']}: SDXL's second text encoder lacks text_projection.weight "
+                             "(a CLIPTextModelWithProjection has it)")
+        projection = bigg.pop("text_projection.weight").T  # transformers' Linear weight; OpenCLIP multiplies by it
+        state.update({SDXL_OPEN_CLIP_PREFIX + k: v
+                      for k, v in open_clip_from_transformers(bigg, False, projection).items()})
+        schedule_of_pipeline(folder)  # checked all the same
+        return state
     if text_config.get("hidden_act") == "gelu":  # OpenCLIP's tower (SD2.x); CLIP's uses quick_gelu (SD1.x)
         dropped = text_config.get("num_hidden_layers") == DIFFUSERS_SD2_TEXT_LAYERS
         state.update({TEXT_PREFIX + k: v for k, v in open_clip_from_transformers(text, dropped).items()})
     else:
         state.update({f"{TEXT_PREFIX}transformer.{k}": v for k, v in text.items() if k.startswith("text_model.")})
     return {**state, **schedule_of_pipeline(folder)}
+
+
+def _unet_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    config_path = part / DIFFUSERS_CONFIG
+    config = _read_json(config_path)
+    levels = len(_field(config, "block_out_channels", config_path))
+    per_level = config.get("layers_per_block", 2)
+    res_blocks = list(per_level) if isinstance(per_level, list) else [per_level] * levels
+    attention = ["CrossAttn" in kind for kind in _field(config, "down_block_types", config_path)]
+    unet = read(weights_file(part))
+    return {UNET_PREFIX + name: unet[key] for key, name in rename(unet, unet_table(res_blocks, attention),
+                                                                 to_diffusers=False).items()}
+
+
+def _vae_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    config_path = part / DIFFUSERS_CONFIG
+    config = _read_json(config_path)
+    vae = read(weights_file(part))
+    table = vae_table(len(_field(config, "block_out_channels", config_path)), config.get("layers_per_block", 2))
+    state = {}
+    for key, name in rename(vae, table, to_diffusers=False).items():
+        tensor = vae[key]
+        if ".mid.attn_1." in name and name.endswith("weight") and tensor.dim() == 2:
+            tensor = tensor[:, :, None, None]  # our attention's projections are 1x1 convolutions
+        state[VAE_PREFIX + name] = tensor
+    return state
+
+
+def _text_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tensor]]
+                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A transformers text encoder's config and tensors, named `text_model.*` (transformers 5 saves without that
+    level) and `text_projection.*`."""
+    config = _read_json(part / DIFFUSERS_CONFIG)
+    text = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+            for k, v in read(weights_file(part)).items() if not k.endswith("position_ids")}
+    return config, text
 
 
 def schedule_of_pipeline(folder: Path) -> dict[str, torch.Tensor]:
@@ -394,10 +430,11 @@ def schedule_of_pipeline(folder: Path) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(values[name], dtype=torch.float32) for name in SCHEDULE_BUFFERS}
 
 
-def open_clip_from_transformers(text: Mapping[str, torch.Tensor], dropped_last_block: bool
-                                ) -> dict[str, torch.Tensor]:
+def open_clip_from_transformers(text: Mapping[str, torch.Tensor], dropped_last_block: bool,
+                                projection: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """OpenCLIP's text tower (`model.*` names) from diffusers' transformers-format copy of it (`text_model.*`);
-    `dropped_last_block`: append the block diffusers' converter left out, as zeros."""
+    `dropped_last_block`: append the block diffusers' converter left out, as zeros; `projection`: the
+    `text_projection` matrix (`[width, embed_dim]`), zeros without one."""
     prefix = "text_model.encoder.layers."
     layers = 1 + max(int(k[len(prefix):].split(".")[0]) for k in text if k.startswith(prefix))
     width = text["text_model.final_layer_norm.weight"].shape[0]
@@ -405,7 +442,8 @@ def open_clip_from_transformers(text: Mapping[str, torch.Tensor], dropped_last_b
            "model.positional_embedding": text["text_model.embeddings.position_embedding.weight"],
            "model.ln_final.weight": text["text_model.final_layer_norm.weight"],
            "model.ln_final.bias": text["text_model.final_layer_norm.bias"],
-           "model.text_projection": torch.zeros(width, width), "model.logit_scale": torch.zeros(())}
+           "model.text_projection": torch.zeros(width, width) if projection is None else projection.contiguous(),
+           "model.logit_scale": torch.zeros(())}
     for i in range(layers + int(dropped_last_block)):
         ours = f"model.transformer.resblocks.{i}."
         if i == layers:  # the block diffusers dropped: zeros (the residual block then adds nothing)

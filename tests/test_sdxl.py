@@ -391,6 +391,72 @@ def test_diffusers_folder_of_an_sdxl_control_gives_our_residuals(sgm_model: Any,
         sgm_model.control_model.load_state_dict(saved)
 
 
+def _diffusers_sdxl_pipeline(model: Any, unet_config: dict[str, Any], folder: Path) -> Path:
+    """`model` as a diffusers StableDiffusionXLPipeline folder, each part converted by diffusers' own single-file
+    code and saved by diffusers and transformers themselves."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    state = model.state_dict()
+    _diffusers_unet(model, unet_config).save_pretrained(folder / "unet")
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4,
+                                  layers_per_block=1, latent_channels=4)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(state, vae.config), strict=True)
+    vae.save_pretrained(folder / "vae")
+    common = dict(hidden_size=16, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                  vocab_size=49408, max_position_embeddings=77)
+    clip = CLIPTextModel(CLIPTextConfig(**common, hidden_act="quick_gelu"))
+    clip_state = convert_ldm_clip_checkpoint(state, "conditioner.embedders.0.transformer.")
+    if not any(k.startswith("text_model.") for k in clip.state_dict()):  # transformers 5 names it without that level
+        clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items()}
+    clip.load_state_dict(clip_state, strict=True)
+    clip.save_pretrained(folder / "text_encoder")
+    bigg = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_act="gelu", projection_dim=24))
+    bigg.load_state_dict(convert_open_clip_checkpoint(bigg, state, "conditioner.embedders.1.model."), strict=True)
+    bigg.save_pretrained(folder / "text_encoder_2")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    return folder
+
+
+def test_a_diffusers_sdxl_pipeline_is_a_base_holding_the_same_weights(sgm_model: Any, unet_ref: Any,
+                                                                      tmp_path: Path) -> None:
+    """tool_add_control.py on a diffusers SDXL pipeline folder (made from the tiny SDXL model by diffusers' own
+    converters): every UNet, VAE and text-encoder tensor is the model's own, bit for bit (diffusers keeps no
+    `logit_scale`: zero, read by no conditioning); the pooled vector is transformers' text_embeds."""
+    from transformers import CLIPTextModelWithProjection
+
+    folder = _diffusers_sdxl_pipeline(sgm_model, unet_ref[0]["diffusers_config"], tmp_path / "sdxl_diffusers")
+    run_script("tool_add_control.py", str(folder), str(tmp_path / "ini.safetensors"), "--config", str(XL_TINY))
+    read = load_file(tmp_path / "ini.safetensors")
+    ours = {k: v for k, v in sgm_model.state_dict().items() if k.startswith(("model.", "first_stage_model.",
+                                                                             "conditioner."))}
+    assert ours.keys() <= read.keys()
+    differing = [k for k, v in ours.items() if not torch.equal(read[k], v)]
+    assert differing == ["conditioner.embedders.1.model.logit_scale"]
+    model = create_model(XL_TINY)
+    model.load_state_dict(read)
+    bigg = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2").eval()
+    embedder = model.conditioner.embedders[1]
+    ids = embedder.tokenize(["a house by the sea", ""])
+    with torch.no_grad():
+        assert rel_err(embedder.encode_tokens(ids)[1], bigg(input_ids=ids).text_embeds) < TOLERANCE
+
+
+def test_an_sdxl_refiner_pipeline_is_refused_plainly(tmp_path: Path) -> None:
+    from cldm.checkpoint import CheckpointError, read_checkpoint
+
+    (tmp_path / "refiner" / "text_encoder_2").mkdir(parents=True)
+    (tmp_path / "refiner" / "model_index.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="an SDXL refiner pipeline"):
+        read_checkpoint(tmp_path / "refiner")
+
+
 def test_what_sdxl_does_not_support_yet_is_refused_plainly(sgm_model: Any) -> None:
     from cldm.formats import diffusers_config
 
