@@ -52,6 +52,7 @@ from training.loop import (
     StopOnNonFiniteGradients,
     Throughput,
     newest_resumable,
+    worker_init,
 )
 from training.order import BucketBatchSampler, DataOrder, ResumableSampler
 from training.rewards import measure_from_name
@@ -259,7 +260,8 @@ def training_data(args: argparse.Namespace, model: ControlLDM) -> TrainingData:
         dataset = CachedDataset(items, args.cache, fingerprint)
         model.batch_encoder = cached_batch_encoder
         model.encoders_device = "cpu"  # no GPU memory for encoders that only image logging still uses
-    workers = {"num_workers": args.num_workers, "persistent_workers": args.num_workers > 0, "pin_memory": pin_memory}
+    workers = {"num_workers": args.num_workers, "persistent_workers": args.num_workers > 0, "pin_memory": pin_memory,
+               "worker_init_fn": worker_init}
     if geometry.buckets:
         buckets = BucketBatchSampler([items.output_size(i) for i in range(len(items))], args.batch_size, args.seed)
         return TrainingData(DataLoader(dataset, batch_sampler=buckets, **workers), buckets, items)

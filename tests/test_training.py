@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, TINY, run_train, train_args
 
 from cldm.model import create_model, load_state_dict
-from training.loop import AtomicCheckpointIO, LastCheckpoint, ResumableSampler
+from training.loop import AtomicCheckpointIO, LastCheckpoint, ResumableSampler, Throughput
 
 
 @pytest.mark.slow
@@ -107,12 +107,31 @@ def test_ctrl_c_finishes_the_step_saves_exits_130_and_resumes_exactly(workspace:
     assert stderr.count("Ctrl-C: stopping at the end of this step") == 1  # said once, not by the worker too
 
 
+def test_throughput_is_measured_over_whole_accumulated_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With 2 batches per optimizer step, the rate logged at each step is that step's samples (2 ranks x 2 batches
+    x 16) over its whole time, not the last batch's; batches inside a step log nothing."""
+    import training.loop
+
+    clock = iter([1.0, 2.0, 4.0, 5.5, 7.5])  # read at the batch ends that complete a step (and the first)
+    monkeypatch.setattr(training.loop.time, "perf_counter", lambda: next(clock))
+    logged: list[float] = []
+    module = SimpleNamespace(log=lambda name, value, **kwargs: logged.append(value))
+    meter = Throughput(samples_per_batch=16)
+    for step in [0, 1, 1, 2, 2, 3, 3, 4]:  # global_step after each batch: a step ends every second batch
+        trainer = SimpleNamespace(global_step=step, world_size=2)
+        meter.on_train_batch_end(trainer, module, None, None, 0)  # type: ignore[arg-type]
+    # from the first batch's end: 1 batch in 1 s, then 2 batches in 2 s, 1.5 s and 2 s
+    assert logged == [2 * 16 * 1 / 1.0, 2 * 16 * 2 / 2.0, 2 * 16 * 2 / 1.5, 2 * 16 * 2 / 2.0]
+
+
 def test_a_second_ctrl_c_interrupts_at_once_and_the_handler_is_put_back(tmp_path: Path) -> None:
     """The first Ctrl-C only asks for a stop (no KeyboardInterrupt mid-update); a second one raises as Python
     does; after training the handler that was there before is back."""
     before = signal.getsignal(signal.SIGINT)
     callback = LastCheckpoint(tmp_path, every_n_steps=10)
-    callback.on_fit_start(SimpleNamespace(is_global_zero=False), None)  # type: ignore[arg-type]
+    trainer = SimpleNamespace(is_global_zero=False, global_step=0, ckpt_path=None)
+    callback.on_fit_start(trainer, None)  # type: ignore[arg-type]
+    callback.on_train_start(trainer, None)  # type: ignore[arg-type]
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)  # the handler runs at the next bytecode boundary
@@ -227,15 +246,15 @@ def test_ddp_two_processes_end_with_identical_weights(workspace: Path, tmp_path:
 
 
 class _CtrlCOnRankOne(pl.Callback):
-    """Sends SIGINT to rank 1's own process during step 2 (a Ctrl-C that reached one rank only) and records the
-    step each rank ended at."""
+    """Sends SIGINT to rank `rank`'s own process at step 2 (in DDP: a Ctrl-C that reached one rank only) and
+    records the step each rank ended at."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, rank: int = 1) -> None:
+        self.folder, self.rank = folder, rank
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object, batch: object,
                            batch_idx: int) -> None:
-        if trainer.global_rank == 1 and trainer.global_step == 2:
+        if trainer.global_rank == self.rank and trainer.global_step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -265,3 +284,30 @@ def test_ddp_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(workspace: Pat
     trainer.fit(model, loader)
     assert [(tmp_path / f"rank{r}.step").read_text() for r in (0, 1)] == ["2", "2"]
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_after_a_ctrl_c_stop_the_previous_handler_is_back_and_a_second_fit_trains_on(workspace: Path,
+                                                                                       tmp_path: Path) -> None:
+    """In one process (a notebook): the fit stopped by Ctrl-C at step 2 puts the SIGINT handler back as it was; the
+    same callback in a second fit to step 4 is not still "stopping"."""
+    from torch.utils.data import DataLoader
+
+    from training.dataset import ControlDataset
+
+    before = signal.getsignal(signal.SIGINT)
+    model = create_model(TINY)
+    model.load_state_dict(load_state_dict(workspace / "ini.ckpt"))
+    model.learning_rate = 1e-3
+    dataset = ControlDataset(workspace / "data")
+    last = LastCheckpoint(tmp_path, every_n_steps=100)
+    stops = []
+    for max_steps, callbacks in ((6, [_CtrlCOnRankOne(tmp_path, rank=0), last]), (4, [last])):
+        loader = DataLoader(dataset, batch_size=2, sampler=ResumableSampler(len(dataset), seed=0))
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, use_distributed_sampler=False, callbacks=callbacks)
+        trainer.fit(model, loader)
+        assert signal.getsignal(signal.SIGINT) is before
+        stops.append((trainer.global_step, last.interrupted_at))
+    assert stops == [(2, 2), (4, None)]
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 4

@@ -22,6 +22,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.nn.utils import get_total_norm
 
@@ -33,7 +34,16 @@ from training.order import DataOrder, ResumableSampler
 NUMBERED_DIR = "checkpoints"
 
 __all__ = ["AtomicCheckpointIO", "DataOrder", "ExactResume", "LastCheckpoint", "ResumableSampler",
-           "StopOnNonFiniteGradients", "Throughput", "newest_resumable", "non_finite", "numbered_checkpoints"]
+           "StopOnNonFiniteGradients", "Throughput", "newest_resumable", "non_finite", "numbered_checkpoints",
+           "worker_init"]
+
+
+def worker_init(worker_id: int) -> None:
+    """A DataLoader worker's start: it ignores Ctrl-C, which a terminal sends to every process of the run, so that
+    the main process can finish its step and save (`LastCheckpoint`); then the seeding that Lightning gives workers
+    when no `worker_init_fn` is set (`seed_everything(workers=True)`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pl_worker_init_function(worker_id)
 
 
 def _capture_rng() -> dict[str, Any]:
@@ -133,7 +143,10 @@ class LastCheckpoint(pl.Callback):
     The first Ctrl-C (SIGINT) asks for a stop rather than raising in the middle of an update: training goes on to
     the end of the optimizer step under way, saves there (a periodic save's state, which resumes exactly) and
     stops; `interrupted_at` is then that step. Every rank stops at the same step (the request is reduced across
-    them). A second Ctrl-C raises KeyboardInterrupt at once, as usual, and saves nothing.
+    them). A second Ctrl-C raises KeyboardInterrupt at once, as usual, and saves nothing. The handler is set when
+    training starts (after Lightning saved the handlers it restores at the end, whatever way fit ends) and put back
+    at teardown or on an exception; where SIGINT was ignored (`nohup`) it stays ignored. DataLoader workers ignore
+    Ctrl-C themselves (`worker_init`).
 
     Never from non-finite weights: before each write the trainable weights are checked, and if the last update
     made any of them inf or NaN nothing is written and training stops (`TrainingDiverged`), so `last.ckpt` always
@@ -157,15 +170,11 @@ class LastCheckpoint(pl.Callback):
         #: The step at which a Ctrl-C stopped training (saved there), or None.
         self.interrupted_at: int | None = None
         self._stop_requested = False
+        self._sigint_installed = False
         self._previous_sigint: Any = None
-        self._handler_pid: int | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Before the DataLoader's workers start: forked, they inherit the handler, so Ctrl-C (sent to the whole
-        # process group by a terminal) does not end them. Signal handlers can only be set in the main thread.
-        if threading.current_thread() is threading.main_thread():
-            self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop) or signal.default_int_handler
-            self._handler_pid = os.getpid()
+        self._stop_requested, self.interrupted_at = False, None
         if trainer.is_global_zero:
             stale = stale_temporaries(self.path)
             for path in stale:
@@ -177,22 +186,29 @@ class LastCheckpoint(pl.Callback):
         self._seen_step = trainer.global_step
         if trainer.ckpt_path is not None and Path(trainer.ckpt_path) == self.path:
             self.written_step = trainer.global_step  # resumed from it
+        main_thread = threading.current_thread() is threading.main_thread()  # the only one that may set handlers
+        if main_thread and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+            self._sigint_installed = True
 
-    def _request_stop(self, signum: int, frame: Any) -> None:
-        """The first Ctrl-C: stop at the end of this optimizer step; the next one interrupts as Python does.
-        A DataLoader worker (a fork that inherited the handler) ignores Ctrl-C: the main process ends it."""
-        if os.getpid() != self._handler_pid:
-            return
+    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        """The first Ctrl-C: stop at the end of this optimizer step; the next one interrupts as Python does."""
+        if self._stop_requested:
+            self._restore_sigint()
+            raise KeyboardInterrupt
         self._stop_requested = True
-        signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
         print(f"\nCtrl-C: stopping at the end of this step and saving {self.path} (press Ctrl-C again to stop at "
               "once, without saving)", file=sys.stderr, flush=True)
 
+    def _restore_sigint(self) -> None:
+        if self._sigint_installed:
+            # None: the handler was not set from Python; Python's own one stands in for it.
+            signal.signal(signal.SIGINT, signal.default_int_handler if self._previous_sigint is None
+                          else self._previous_sigint)
+            self._sigint_installed = False
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
+        self._restore_sigint()
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_step == self.written_step:
@@ -245,6 +261,7 @@ class LastCheckpoint(pl.Callback):
         self._save(trainer, pl_module)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_sigint()  # Lightning calls no teardown hooks after an exception
         if isinstance(exception, SIGTERMException) and trainer.global_step > 0 and self._at_step_boundary:
             self._save(trainer, pl_module)
 
@@ -291,16 +308,23 @@ class StopOnNonFiniteGradients(pl.Callback):
 
 
 class Throughput(pl.Callback):
-    """Logs training samples per second (all devices together) to the progress bar and the metrics."""
+    """Logs training samples per second (all devices together) to the progress bar and the metrics, over whole
+    optimizer steps: with `--accumulate_grad_batches` Lightning logs only a step's last batch, which alone also
+    runs the update, so a per-batch rate would misstate the step."""
 
     def __init__(self, samples_per_batch: int) -> None:
         self.samples_per_batch = samples_per_batch
         self._last: float | None = None
+        self._step = -1
+        self._batches = 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self._batches += 1
+        if trainer.global_step == self._step:  # inside an accumulated step
+            return
         now = time.perf_counter()
         if self._last is not None:
-            rate = self.samples_per_batch * trainer.world_size / max(now - self._last, 1e-9)
+            rate = self._batches * self.samples_per_batch * trainer.world_size / max(now - self._last, 1e-9)
             pl_module.log("samples_per_sec", rate, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
-        self._last = now
+        self._last, self._step, self._batches = now, trainer.global_step, 0

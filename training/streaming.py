@@ -39,6 +39,7 @@ from training.dataset import place_pair, training_item
 from training.geometry import Geometry
 from training.hints import HintMaker
 from training.images import HINT_MATTE, TARGET_MATTE, ImageTooLarge, decode_image, image_size
+from training.loop import worker_init
 from training.order import DataOrder, epoch_permutation, rank_and_world
 from training.sources import DatasetError
 
@@ -147,7 +148,7 @@ class ShardStream(DataOrder, IterableDataset):
     def loader(self, pin_memory: bool = False) -> DataLoader:
         """The data loader to train from: batches made in the workers, the rank noted as iteration starts."""
         return _StreamLoader(self, batch_size=None, num_workers=self.num_workers,
-                             persistent_workers=self.num_workers > 0, pin_memory=pin_memory)
+                             persistent_workers=self.num_workers > 0, pin_memory=pin_memory, worker_init_fn=worker_init)
 
     def skipped(self) -> int:
         """Samples skipped so far by the slots whose batches this process consumed."""
