@@ -41,7 +41,9 @@ from cldm.formats import (
     UNET_PREFIX,
     from_diffusers,
     is_diffusers_controlnet,
+    part_tensors,
     sd_from_diffusers_pipeline,
+    shard_index,
     undo_difference,
     weights_file,
 )
@@ -176,8 +178,11 @@ def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu")
             raise CheckpointError(f"{path}: not a Stable Diffusion pipeline this project reads ({one_line(err)})") \
                 from err
         return Checkpoint(path, tensors, {}, {})
-    if path.is_dir() and (path / DIFFUSERS_CONFIG).is_file():  # a diffusers model folder: its weights file
+    if path.is_dir() and (path / DIFFUSERS_CONFIG).is_file():  # a diffusers model folder: its weights file(s)
         try:
+            if shard_index(path) is not None:
+                return Checkpoint(path, part_tensors(path, lambda file: read_checkpoint(file, location).tensors),
+                                  {}, {})
             path = weights_file(path)
         except InputError as err:
             raise CheckpointError(str(err)) from err

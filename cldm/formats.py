@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +263,11 @@ TEXT_PREFIX = "cond_stage_model."
 #: Where sgm's SDXL checkpoints keep their two text encoders (CLIP ViT-L, OpenCLIP bigG).
 SDXL_CLIP_PREFIX = "conditioner.embedders.0."
 SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1."
+#: sd_xl_base_1.0's scheduler settings that change what the model computes (cldm_xl.yaml's schedule).
+SDXL_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+#: A shard's file name: `diffusion_pytorch_model-00001-of-00003.safetensors`.
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}")
 VAE_RESNET_NAMES = {"nin_shortcut": "conv_shortcut"}
 VAE_ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 #: How many of OpenCLIP ViT-H/14's 24 text blocks diffusers' SD2 converter keeps (the last is dropped).
@@ -328,12 +334,38 @@ def _field(config: Mapping[str, Any], key: str, path: Path) -> Any:
 
 
 def weights_file(folder: Path) -> Path:
-    """A diffusers part's weights: the plain safetensors file, else a variant (fp16), else a pickled `.bin`."""
+    """A diffusers part's weights: the plain safetensors file, else a variant (fp16), else a pickled `.bin`; one
+    shard of several is not a weights file (`part_tensors` reads them by their index)."""
     for pattern in ("diffusion_pytorch_model.safetensors", "model.safetensors", "*.safetensors", "*.bin"):
-        found = sorted(folder.glob(pattern))
+        found = sorted(f for f in folder.glob(pattern) if not SHARD_NAME.search(f.name))
         if found:
             return found[0]
+    if any(SHARD_NAME.search(f.name) for f in folder.iterdir()):
+        raise InputError(f"{folder}: sharded weights without their index (*.safetensors.index.json)")
     raise InputError(f"{folder}: no weights file (*.safetensors or *.bin) in this diffusers model folder")
+
+
+def shard_index(folder: Path) -> Path | None:
+    """The index of a part saved in shards (`save_pretrained` splits weights over 10 GB, an fp32 SDXL UNet)."""
+    found = sorted(folder.glob("*.safetensors.index.json")) or sorted(folder.glob("*.bin.index.json"))
+    return found[0] if found else None
+
+
+def part_tensors(folder: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A diffusers part's tensors: its weights file, or every shard its index lists (all of its tensors there)."""
+    index = shard_index(folder)
+    if index is None:
+        return read(weights_file(folder))
+    weight_map = _field(_read_json(index), "weight_map", index)
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (folder / shard).is_file():
+            raise InputError(f"{index}: lists the shard {shard}, which is not in {folder}")
+        tensors.update(read(folder / shard))
+    missing = sorted(set(weight_map) - tensors.keys())
+    if missing:
+        raise InputError(f"{index}: {len(missing)} tensors it lists are in none of the shards (first: {missing[0]})")
+    return tensors
 
 
 def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, torch.Tensor]]
@@ -370,7 +402,7 @@ def sd_from_diffusers_pipeline(folder: Path, read: Callable[[Path], dict[str, to
         projection = bigg.pop("text_projection.weight").T  # transformers' Linear weight; OpenCLIP multiplies by it
         state.update({SDXL_OPEN_CLIP_PREFIX + k: v
                       for k, v in open_clip_from_transformers(bigg, False, projection).items()})
-        schedule_of_pipeline(folder)  # checked all the same
+        check_sdxl_scheduler(folder)
         return state
     if text_config.get("hidden_act") == "gelu":  # OpenCLIP's tower (SD2.x); CLIP's uses quick_gelu (SD1.x)
         dropped = text_config.get("num_hidden_layers") == DIFFUSERS_SD2_TEXT_LAYERS
@@ -387,7 +419,7 @@ def _unet_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tenso
     per_level = config.get("layers_per_block", 2)
     res_blocks = list(per_level) if isinstance(per_level, list) else [per_level] * levels
     attention = ["CrossAttn" in kind for kind in _field(config, "down_block_types", config_path)]
-    unet = read(weights_file(part))
+    unet = part_tensors(part, read)
     return {UNET_PREFIX + name: unet[key] for key, name in rename(unet, unet_table(res_blocks, attention),
                                                                  to_diffusers=False).items()}
 
@@ -395,7 +427,7 @@ def _unet_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tenso
 def _vae_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     config_path = part / DIFFUSERS_CONFIG
     config = _read_json(config_path)
-    vae = read(weights_file(part))
+    vae = part_tensors(part, read)
     table = vae_table(len(_field(config, "block_out_channels", config_path)), config.get("layers_per_block", 2))
     state = {}
     for key, name in rename(vae, table, to_diffusers=False).items():
@@ -412,8 +444,19 @@ def _text_from_pipeline(part: Path, read: Callable[[Path], dict[str, torch.Tenso
     level) and `text_projection.*`."""
     config = _read_json(part / DIFFUSERS_CONFIG)
     text = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
-            for k, v in read(weights_file(part)).items() if not k.endswith("position_ids")}
+            for k, v in part_tensors(part, read).items() if not k.endswith("position_ids")}
     return config, text
+
+
+def check_sdxl_scheduler(folder: Path) -> None:
+    """An SDXL checkpoint carries no schedule: the config's (sgm's SDXL schedule, epsilon prediction) is used, so a
+    pipeline trained with another is refused rather than read as if it had SDXL's."""
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = _read_json(path) if path.is_file() else {}
+    for key, expected in SDXL_SCHEDULER.items():
+        if key in config and config[key] != expected:
+            raise InputError(f"{path}: {key} {config[key]!r}; SDXL bases (and cldm_xl.yaml) use {expected!r}, "
+                             "the only SDXL schedule this project trains and samples")
 
 
 def schedule_of_pipeline(folder: Path) -> dict[str, torch.Tensor]:

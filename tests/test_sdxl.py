@@ -26,6 +26,11 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 XL, XL_TINY = ROOT / "models" / "cldm_xl.yaml", ROOT / "models" / "cldm_xl_tiny.yaml"
 TOLERANCE = 1e-5
+#: sd_xl_base_1.0's scheduler/scheduler_config.json, as diffusers publishes it.
+SDXL_SCHEDULER_CONFIG = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                         "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000,
+                         "prediction_type": "epsilon", "steps_offset": 1, "timestep_spacing": "leading",
+                         "trained_betas": None, "use_karras_sigmas": False}
 
 
 def _sizes(time_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -403,7 +408,7 @@ def _diffusers_sdxl_pipeline(model: Any, unet_config: dict[str, Any], folder: Pa
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     state = model.state_dict()
-    _diffusers_unet(model, unet_config).save_pretrained(folder / "unet")
+    _diffusers_unet(model, unet_config).save_pretrained(folder / "unet", max_shard_size="300KB")  # as SDXL's fp32
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                                   up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4,
                                   layers_per_block=1, latent_channels=4)
@@ -421,6 +426,8 @@ def _diffusers_sdxl_pipeline(model: Any, unet_config: dict[str, Any], folder: Pa
     bigg.load_state_dict(convert_open_clip_checkpoint(bigg, state, "conditioner.embedders.1.model."), strict=True)
     bigg.save_pretrained(folder / "text_encoder_2")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG))
     return folder
 
 
@@ -432,6 +439,7 @@ def test_a_diffusers_sdxl_pipeline_is_a_base_holding_the_same_weights(sgm_model:
     from transformers import CLIPTextModelWithProjection
 
     folder = _diffusers_sdxl_pipeline(sgm_model, unet_ref[0]["diffusers_config"], tmp_path / "sdxl_diffusers")
+    assert len(list((folder / "unet").glob("*-of-*.safetensors"))) > 1  # read by their index
     run_script("tool_add_control.py", str(folder), str(tmp_path / "ini.safetensors"), "--config", str(XL_TINY))
     read = load_file(tmp_path / "ini.safetensors")
     ours = {k: v for k, v in sgm_model.state_dict().items() if k.startswith(("model.", "first_stage_model.",
@@ -448,13 +456,21 @@ def test_a_diffusers_sdxl_pipeline_is_a_base_holding_the_same_weights(sgm_model:
         assert rel_err(embedder.encode_tokens(ids)[1], bigg(input_ids=ids).text_embeds) < TOLERANCE
 
 
-def test_an_sdxl_refiner_pipeline_is_refused_plainly(tmp_path: Path) -> None:
+def test_sdxl_pipelines_this_project_cannot_hold_are_refused_plainly(sgm_model: Any, unet_ref: Any,
+                                                                      tmp_path: Path) -> None:
+    """A refiner (no text_encoder/), and a base trained with another schedule or prediction (an SDXL checkpoint
+    carries no schedule: it would be read as SDXL's), are one-line errors naming the file."""
     from cldm.checkpoint import CheckpointError, read_checkpoint
 
     (tmp_path / "refiner" / "text_encoder_2").mkdir(parents=True)
     (tmp_path / "refiner" / "model_index.json").write_text("{}")
     with pytest.raises(CheckpointError, match="an SDXL refiner pipeline"):
         read_checkpoint(tmp_path / "refiner")
+    folder = _diffusers_sdxl_pipeline(sgm_model, unet_ref[0]["diffusers_config"], tmp_path / "vpred")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**SDXL_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}))
+    with pytest.raises(CheckpointError, match=f"{scheduler}: prediction_type 'v_prediction'; SDXL bases"):
+        read_checkpoint(folder)
 
 
 def test_what_sdxl_does_not_support_yet_is_refused_plainly(sgm_model: Any) -> None:
