@@ -104,9 +104,10 @@ def step_cost(out: Path, names: list[str], rounds: int, initial: Path) -> dict[s
     def cost_run(job: tuple[str, int]) -> float:
         name, r = job
         flags, steps, _ = RECIPES[name]
-        folder = out / "step_cost" / f"{name}_round{r}"
+        cost_steps = max(2, steps * COST_SAMPLES // (STEPS * BATCH))
+        folder = out / "step_cost" / f"{name}_{cost_steps}steps_round{r}"
         if not (folder / "done.json").is_file():
-            run_training(folder, flags, max(2, steps * COST_SAMPLES // (STEPS * BATCH)), 0, initial)
+            run_training(folder, flags, cost_steps, 0, initial)
             (folder / "last.ckpt").unlink(missing_ok=True)  # only its logged rates are wanted
         return seconds_per_step(folder, samples_per_step(flags))
 
@@ -123,12 +124,17 @@ def early_convergence(out: Path, names: list[str], seeds: tuple[int, ...], initi
     equal (checked: `differs_from_full_at` lists the steps where they are not)."""
     jobs = [(name, seed) for name in names for seed in seeds if (out / f"{name}_seed{seed}" / "fidelity.csv").is_file()]
 
+    for name in {name for name, _ in jobs}:  # the same samples-seen grid for every recipe
+        full_steps = RECIPES[name][1]
+        if (steps * full_steps) % STEPS or (every * full_steps) % STEPS:
+            raise SystemExit(f"--early {steps} {every}: {name} makes {full_steps} steps of {STEPS}; pick values "
+                             f"that scale to whole steps of it")
+
     def early_run(job: tuple[str, int]) -> Path:
         name, seed = job
         flags, full_steps, _ = RECIPES[name]
-        scale = full_steps / STEPS
-        return train(name, flags, round(steps * scale), max(1, round(every * scale)), seed, initial, out,
-                     tag=f"_early{steps}")
+        return train(name, flags, steps * full_steps // STEPS, every * full_steps // STEPS, seed, initial, out,
+                     tag=f"_early{steps}_{every}")
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         folders = list(pool.map(early_run, jobs))
@@ -138,10 +144,10 @@ def early_convergence(out: Path, names: list[str], seeds: tuple[int, ...], initi
         full, early = curve(out / f"{name}_seed{seed}"), curve(folder)
         shared = {r["step"]: r["iou"] for r in full}
         halfway = full[0]["baseline"] + 0.5 * (full[-1]["iou"] - full[0]["baseline"])
-        crossing = next((r["step"] * per_step for r in early if r["iou"] >= halfway), None) \
-            if full[-1]["iou"] > full[0]["baseline"] else None  # no gain over the baseline: nothing to cross
+        gain = full[-1]["iou"] > full[0]["baseline"]  # without one there is nothing to cross
+        crossing = next((r["step"] * per_step for r in early if r["iou"] >= halfway), None) if gain else None
         results.setdefault(name, []).append({
-            "seed": seed, "halfway": halfway, "crossing_samples": crossing,
+            "seed": seed, "halfway": halfway, "gain": gain, "crossing_samples": crossing,
             "curve": [(r["step"] * per_step, r["iou"]) for r in early],
             "differs_from_full_at": [r["step"] for r in early if r["step"] in shared and r["iou"] != shared[r["step"]]],
         })
@@ -285,17 +291,21 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.combine:
         flags = [f for name in args.combine for f in RECIPES[name][0]]
-        RECIPES["+".join(args.combine)] = (flags, STEPS, EVERY)
+        # the fewest steps of its parts: with accumulation's the same samples seen
+        RECIPES["+".join(args.combine)] = (flags, min(RECIPES[n][1] for n in args.combine),
+                                           min(RECIPES[n][2] for n in args.combine))
         args.recipes = ["+".join(args.combine)]
     if args.early:
         early = early_convergence(args.out, args.recipes, tuple(args.seeds) if args.seeds else SEEDS,
                                   prepare(args.out), *args.early)
-        (args.out / f"early{args.early[0]}.json").write_text(json.dumps(early, indent=1))
+        (args.out / f"early{args.early[0]}_{args.early[1]}.json").write_text(json.dumps(early, indent=1))
         for name, runs in early.items():
-            crossings = ", ".join(f"{r['crossing_samples']} (seed {r['seed']})" for r in runs)
+            crossings = ", ".join(("no gain over the baseline" if not r["gain"] else f"{r['crossing_samples']:.0f}"
+                                   if r["crossing_samples"] is not None else f"not by step {args.early[0]}")
+                                  + f" (seed {r['seed']})" for r in runs)
             differing = "".join(f"; seed {r['seed']} differs from its full run at steps {r['differs_from_full_at']}"
                                 for r in runs if r["differs_from_full_at"])
-            print(f"{name}: halfway crossed at {crossings} samples{differing}")
+            print(f"{name}: halfway crossed at (samples seen) {crossings}{differing}")
         return
     if args.step_cost:
         costs = step_cost(args.out, args.recipes, args.step_cost, prepare(args.out))
