@@ -145,8 +145,8 @@ class LastCheckpoint(pl.Callback):
     stops; `interrupted_at` is then that step. Every rank stops at the same step (the request is reduced across
     them). A second Ctrl-C raises KeyboardInterrupt at once, as usual, and saves nothing. The handler is set when
     training starts (after Lightning saved the handlers it restores at the end, whatever way fit ends) and put back
-    at teardown or on an exception; where SIGINT was ignored (`nohup`) it stays ignored. DataLoader workers ignore
-    Ctrl-C themselves (`worker_init`).
+    at teardown or on an exception; where SIGINT was ignored (a script's background job) it stays so. DataLoader
+    workers ignore Ctrl-C themselves (`worker_init`).
 
     Never from non-finite weights: before each write the trainable weights are checked, and if the last update
     made any of them inf or NaN nothing is written and training stops (`TrainingDiverged`), so `last.ckpt` always
