@@ -65,6 +65,13 @@ SIGTERM_STATUS = 143
 SIGINT_STATUS = 130
 
 
+def stopped(by: str, step: int, last_checkpoint: LastCheckpoint, status: int) -> int:
+    """Say where a run stopped by a signal left its work, and return the signal's exit status."""
+    print(f"stopped by {by} at step {step}; {last_checkpoint.status()}; continue with the same command and --resume",
+          file=sys.stderr)
+    return status
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -366,13 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         raise TrainingDiverged(f"{err}; {last_checkpoint.status()}") from err
     except SIGTERMException:  # Lightning's: raised between steps after a SIGTERM, once LastCheckpoint has saved
-        print(f"stopped by SIGTERM at step {trainer.global_step}; {last_checkpoint.status()}; continue with the "
-              "same command and --resume", file=sys.stderr)
-        return SIGTERM_STATUS
+        return stopped("SIGTERM", trainer.global_step, last_checkpoint, SIGTERM_STATUS)
     if last_checkpoint.interrupted_at is not None:
-        print(f"stopped by Ctrl-C at step {last_checkpoint.interrupted_at}; {last_checkpoint.status()}; continue "
-              "with the same command and --resume", file=sys.stderr)
-        return SIGINT_STATUS
+        return stopped("Ctrl-C", last_checkpoint.interrupted_at, last_checkpoint, SIGINT_STATUS)
     if trainer.is_global_zero:
         print(f"done: {trainer.global_step} steps; checkpoint {last}; image grids in {out / 'image_log'}")
         if data.skipped():

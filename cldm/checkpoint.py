@@ -171,9 +171,12 @@ def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu")
     """Read a `.ckpt`/`.pth` (safely: `weights_only=True`) or `.safetensors` file, or a diffusers model folder."""
     path = Path(ckpt_path)
     _check_location(location)
+    def tensors_of(file: Path) -> dict[str, torch.Tensor]:  # one weights file of a diffusers folder
+        return read_checkpoint(file, location).tensors
+
     if path.is_dir() and (path / PIPELINE_INDEX).is_file():
         try:
-            tensors = sd_from_diffusers_pipeline(path, lambda file: read_checkpoint(file, location).tensors)
+            tensors = sd_from_diffusers_pipeline(path, tensors_of)
         except InputError as err:
             raise CheckpointError(f"{path}: not a Stable Diffusion pipeline this project reads ({one_line(err)})") \
                 from err
@@ -181,8 +184,7 @@ def read_checkpoint(ckpt_path: str | Path, location: str | torch.device = "cpu")
     if path.is_dir() and (path / DIFFUSERS_CONFIG).is_file():  # a diffusers model folder: its weights file(s)
         try:
             if shard_index(path) is not None:
-                return Checkpoint(path, part_tensors(path, lambda file: read_checkpoint(file, location).tensors),
-                                  {}, {})
+                return Checkpoint(path, part_tensors(path, tensors_of), {}, {})
             path = weights_file(path)
         except InputError as err:
             raise CheckpointError(str(err)) from err
